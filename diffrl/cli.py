@@ -1,0 +1,194 @@
+"""The ``diffrl`` command line.
+
+Every command that takes a config reads an optional YAML recipe and ``key.sub=value`` overrides::
+
+    diffrl pretrain deploy/configs/pretrain-shapes.yaml time_budget_s=300
+    diffrl eval --model assets/shapes-base --split eval eval.guidance_scale=4
+    diffrl bench sampler sampling.num_steps=20
+
+``diffrl COMMAND --help`` lists every key with its type, default and meaning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from diffrl.config import ConfigError, format_help, load_config
+
+# Library defaults that matter for a CPU/offline service; users can still override them.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def split_recipe(items: list[str]) -> tuple[str | None, list[str]]:
+    """[RECIPE] [key=value ...] -> (recipe or None, overrides)."""
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def add_config_args(parser: argparse.ArgumentParser, schema: type) -> None:
+    parser.add_argument("config", nargs="*", metavar="[RECIPE] [key=value ...]",
+                        help="optional YAML recipe, then dotted overrides")
+    parser.epilog = "config keys:\n" + format_help(schema)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+def load_from_args(schema: type, args: argparse.Namespace, extra: list[str] = ()):
+    recipe, overrides = split_recipe(list(args.config))
+    return load_config(schema, recipe, [*overrides, *extra])
+
+
+# --------------------------------------------------------------------------------- pretrain
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from models.pretrain import PretrainConfig, pretrain
+
+    cfg = load_from_args(PretrainConfig, args)
+    stats = pretrain(cfg)
+    print(json.dumps(stats, indent=2))
+    print(f"saved the base model to {cfg.output}")
+    return 0
+
+
+# --------------------------------------------------------------------------------- eval
+def _eval_schema():
+    from diffrl.evaluation import EvalConfig
+    from models.config import ModelConfig
+
+    @dataclass
+    class EvalCommandConfig:
+        model: ModelConfig = field(default_factory=ModelConfig)
+        """The model to evaluate."""
+        eval: EvalConfig = field(default_factory=EvalConfig)
+        """What to evaluate and how to sample."""
+        output_dir: str = "runs/eval"
+        """Where the image grid and metrics.json are written."""
+
+    return EvalCommandConfig
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from diffrl.evaluation import evaluate
+    from models.adapter import FlowModel
+
+    extra = []
+    if args.model:
+        extra.append(f"model.path={args.model}")
+    if args.split:
+        extra.append(f"eval.split={args.split}")
+    cfg = load_from_args(_eval_schema(), args, extra)
+    model = FlowModel.from_config(cfg.model)
+    out = Path(cfg.output_dir)
+    metrics = evaluate(model, cfg.eval, grid_path=out / f"grid_{cfg.eval.split}.png")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print_metrics(f"{cfg.model.path} on the {cfg.eval.split} split (cfg {cfg.eval.guidance_scale}, "
+                  f"{cfg.eval.num_steps} steps)", metrics)
+    print(f"image grid: {out / f'grid_{cfg.eval.split}.png'}")
+    return 0
+
+
+def print_metrics(title: str, metrics: dict[str, float]) -> None:
+    print(title)
+    for key in ("strict", "count", "color", "shape", "partial"):
+        print(f"  {key:<8} {metrics[key]:.3f}")
+    by_n = {k: v for k, v in metrics.items() if k.startswith("strict_")}
+    print("  " + "  ".join(f"{k.removeprefix('strict_')}={v:.2f}" for k, v in by_n.items()))
+    print(f"  ({int(metrics['images'])} images, {metrics['seconds']:.1f} s)")
+
+
+# --------------------------------------------------------------------------------- bench
+def cmd_bench_sampler(args: argparse.Namespace) -> int:
+    from diffrl.bench import SamplerBenchConfig, bench_sampler
+
+    cfg = load_from_args(SamplerBenchConfig, args)
+    print(json.dumps(bench_sampler(cfg), indent=2))
+    return 0
+
+
+# --------------------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The embedded default end to end (currently: evaluate the shipped base model)."""
+    return main(["eval", "--model", "assets/shapes-base", "--split", "eval", "output_dir=runs/demo", *args.config])
+
+
+# --------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from diffrl.bench import SamplerBenchConfig
+    from models.pretrain import PretrainConfig
+
+    parser = argparse.ArgumentParser(
+        prog="diffrl",
+        description="RL post-training of text-to-image flow models (Centered Reward Distillation) as a "
+                    "distributed actor-learner service.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("pretrain", help="train the shapes-world base model from scratch (CPU, <= 15 min)",
+                       description="Train the shapes-world base model (rectified flow, prompt dropout for "
+                                   "CFG) and save it in diffusers format.")
+    add_config_args(p, PretrainConfig)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("eval", help="held-out accuracy of a model on the shapes world, and an image grid",
+                       description="Sample fixed (prompt, seed) pairs, score them with the shapes "
+                                   "detector, print per-clause and strict accuracy, write a grid.")
+    p.add_argument("--model", help="model folder (same as model.path=...)")
+    p.add_argument("--split", choices=("eval", "train", "all"), help="prompt split (eval.split=...)")
+    add_config_args(p, _eval_schema())
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="benchmarks (figures go to docs/benchmarks.md)")
+    bench = p.add_subparsers(dest="bench", required=True, metavar="WHAT")
+    b = bench.add_parser("sampler", help="sampler images/s vs the bare forward bound",
+                         description="Images/s of the ODE sampler (encode, denoise, decode) against "
+                                     "the bound of num_steps bare transformer forwards.")
+    add_config_args(b, SamplerBenchConfig)
+    b.set_defaults(func=cmd_bench_sampler)
+
+    p = sub.add_parser("demo", help="run the embedded default end to end (what `make demo` runs)")
+    p.add_argument("config", nargs="*", help="overrides")
+    p.set_defaults(func=cmd_demo)
+
+    for register in _plugins():
+        register(sub, bench)
+    return parser
+
+
+def _plugins() -> list[Callable]:
+    """Commands contributed by other packages: register(subparsers, bench_subparsers)."""
+    plugins = []
+    try:
+        from reward_servers.cli import register as register_rewards
+
+        plugins.append(register_rewards)
+    except ImportError as err:  # only while that package is absent
+        if "reward_servers.cli" not in str(err):
+            raise
+    return plugins
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:
+        print(f"diffrl: bad config: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("diffrl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

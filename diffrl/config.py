@@ -1,0 +1,183 @@
+"""Typed configuration: dataclasses with a docstring under every field, loaded from YAML recipes
+(deploy/configs/*.yaml) with dotted command-line overrides, and validated before anything heavy
+starts.
+
+OmegaConf does the merging and type checking (unknown keys, wrong types, missing values), and
+reports the dotted key; each config class may add a ``validate()`` method for ranges and cross-field
+rules, raising :class:`ConfigError` through :func:`require`. Every error names the field's dotted
+path and what was expected, e.g.::
+
+    diffrl: bad config: learner.lr: expected a float > 0, got -1.0
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid; ``field`` is the dotted path of the offending key."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}" if field else message)
+
+    def under(self, prefix: str) -> "ConfigError":
+        """The same error, with ``prefix`` prepended to the dotted field path."""
+        field = f"{prefix}.{self.field}" if self.field else prefix
+        return ConfigError(field, self.message)
+
+
+def require(condition: bool, field: str, expected: str, got: Any = dataclasses.MISSING) -> None:
+    """Raise :class:`ConfigError` for ``field`` unless ``condition`` holds."""
+    if not condition:
+        suffix = "" if got is dataclasses.MISSING else f", got {got!r}"
+        raise ConfigError(field, f"expected {expected}{suffix}")
+
+
+def _validate_tree(obj: Any, path: str = "") -> None:
+    """Call ``validate()`` on every dataclass in the tree, children first, prefixing error paths."""
+    if not dataclasses.is_dataclass(obj):
+        return
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        child = f"{path}.{f.name}" if path else f.name
+        if dataclasses.is_dataclass(value):
+            _validate_tree(value, child)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                _validate_tree(item, f"{child}.{i}")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                _validate_tree(item, f"{child}.{key}")
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except ConfigError as err:
+            raise err.under(path) if path else err
+        except ValueError as err:  # plain ValueErrors from config classes still get a path
+            raise ConfigError(path, str(err)) from err
+
+
+def _omegaconf_error(err: OmegaConfBaseException) -> ConfigError:
+    key = getattr(err, "full_key", None) or ""
+    message = str(err).split("\n")[0].strip()
+    return ConfigError(str(key), message)
+
+
+def load_config(schema: type[T], recipe: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Build a validated ``schema`` instance from defaults, a YAML recipe and ``key.sub=value``
+    overrides (later wins). Raises :class:`ConfigError` naming the dotted field on any problem."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "overrides are written key.sub=value")
+    try:
+        merged = OmegaConf.structured(schema)
+        if recipe is not None:
+            path = Path(recipe)
+            if not path.is_file():
+                raise ConfigError("", f"recipe not found: {path}")
+            loaded = OmegaConf.load(path)
+            if loaded is not None and not OmegaConf.is_dict(loaded):
+                raise ConfigError("", f"recipe {path} must be a YAML mapping")
+            merged = OmegaConf.merge(merged, loaded)
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(missing[0], "a value is required")
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _omegaconf_error(err) from None
+    _validate_tree(obj)
+    return obj  # type: ignore[return-value]
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML (written to every run folder)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass: the string literal right under each field."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    tree = ast.parse(source)
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, after in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+def describe(schema: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, docstring) for every leaf field, for ``--help`` and docs."""
+    rows: list[tuple[str, str, str, str]] = []
+    docs = field_docs(schema)
+    hints = _resolved_hints(schema)
+    for f in dataclasses.fields(schema):
+        key = f"{prefix}{f.name}"
+        ftype = hints.get(f.name, f.type)
+        if dataclasses.is_dataclass(ftype):
+            rows.append((key, ftype.__name__, "", docs.get(f.name, "")))
+            rows.extend(describe(ftype, key + "."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = repr(f.default_factory())  # type: ignore[misc]
+        else:
+            default = "(required)"
+        type_name = getattr(ftype, "__name__", None) or str(ftype).replace("typing.", "")
+        rows.append((key, type_name, default, docs.get(f.name, "")))
+    return rows
+
+
+def _resolved_hints(cls: type) -> dict[str, Any]:
+    import typing
+
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - best effort for help text
+        return {}
+
+
+def format_help(schema: type) -> str:
+    """Human-readable list of every config key, its type, default and meaning."""
+    lines = []
+    for key, type_name, default, doc in describe(schema):
+        if default == "" and type_name and doc and "." not in key:
+            lines.append(f"\n[{key}]  {doc}")
+            continue
+        if default == "":
+            lines.append(f"\n[{key}]  {doc}")
+            continue
+        lines.append(f"  {key} ({type_name}, default {default})")
+        if doc:
+            lines.extend("      " + line for line in textwrap.wrap(doc, 90))
+    return "\n".join(lines).lstrip("\n")

@@ -1,0 +1,1 @@
+"""The learner: algorithms (pure tensor losses) and the training loop."""

@@ -1,0 +1,291 @@
+"""Flow-GRPO-style baseline (arXiv 2505.05470) as pure tensor functions. Spec: ALGORITHMS.md,
+"Baselines". Notation as in ``crd.py``: σ ∈ [0, 1] the noise level (the paper's t), x_σ =
+(1 − σ)·x0 + σ·ε, v(x, σ) ≈ E[ε − x0 | x_σ = x]. Per-sample tensors ``[N, ...]``, per-sample
+scalars ``[N]`` (or ``[G, K]`` for rewards).
+
+ODE -> SDE (derivation). For the interpolation above, E[x0 | x] = x − σ·v and E[ε | x] = x + (1 − σ)·v,
+so the score is ∇log p_σ(x) = −E[ε | x]/σ = −(x + (1 − σ)·v)/σ. For any diffusion coefficient g_σ
+the reverse-time SDE dx = [v − (g_σ²/2)·∇log p_σ(x)] dσ + g_σ dw̄ (dσ < 0, integrated from σ = 1
+to 0) has the same marginals as the probability-flow ODE dx = v dσ. Flow-GRPO takes
+g_σ = a·sqrt(σ/(1 − σ)) ("noise level" a, 0.7 by default) and steps it with Euler–Maruyama from σ
+to σ' < σ, Δ = σ' − σ < 0:
+
+    x_{σ'} = x_σ + [ v + g_σ²/(2σ)·(x_σ + (1 − σ)·v) ]·Δ + g_σ·sqrt(−Δ)·z,      z ~ N(0, I)
+
+so p(x_{σ'} | x_σ) = N(μ, s²·I) with μ = x_σ + [v + g_σ²/(2σ)(x_σ + (1 − σ)v)]·Δ and
+s = g_σ·sqrt(−Δ). a = 0 gives the Euler ODE step μ = x_σ + v·Δ. At σ = 1, g is infinite; like the
+reference, ``sigma_max`` (the largest grid level below 1) replaces σ in the denominator 1 − σ.
+
+Training (per denoising step j, samples from the SDE sampler with stored log-probs):
+    ratio = exp(log p_θ(x_{j+1} | x_j) − log p_old(x_{j+1} | x_j))
+    L_clip = mean_i max(−A_i·ratio_i, −A_i·clip(ratio_i, 1 − ε, 1 + ε))
+    L = L_clip + β·mean_i KL(N(μ_θ, s²) ‖ N(μ_ref, s²)),  KL = ‖μ_θ − μ_ref‖²/(2s²)
+with A the group-normalized advantage (r − mean_g r)/(std_g r + eps).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from learner.algorithms.crd import _bcast, _compute_dtype, _per_sample_mean, _require, sampling_sigmas
+
+Tensor = torch.Tensor
+
+LOG_PROB_REDUCTIONS = ("mean", "sum")
+KL_STD_MODES = ("step", "sde")
+
+
+def sde_std(sigma: Tensor | float, noise_level: float, sigma_max: float | None = None) -> Tensor:
+    """Diffusion coefficient g_σ = a·sqrt(σ/(1 − σ')), σ' = σ except where σ ≥ 1, where σ' =
+    ``sigma_max`` (Flow-GRPO: the sampler's first level below 1). With ``sigma_max=None`` σ must be
+    < 1. Scalar or ``[N]`` -> same shape (float64 for Python floats)."""
+    s = torch.as_tensor(sigma, dtype=torch.float64) if not isinstance(sigma, Tensor) else sigma
+    den_sigma = s if sigma_max is None else torch.where(s >= 1.0, torch.full_like(s, sigma_max), s)
+    return noise_level * torch.sqrt(s / (1.0 - den_sigma))
+
+
+def sde_step_mean_std(
+    x_t: Tensor,
+    v: Tensor,
+    sigma: Tensor | float,
+    sigma_next: Tensor | float,
+    noise_level: float,
+    sigma_max: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Mean and std of the Euler–Maruyama step σ -> σ_next (< σ) of the Flow-GRPO SDE.
+
+    μ = x + [v + g²/(2σ)·(x + (1 − σ)·v)]·Δ,  s = g·sqrt(−Δ),  Δ = σ_next − σ,  g = sde_std(σ).
+
+    Args:
+        x_t: ``[N, ...]`` current sample x_σ.  v: ``[N, ...]`` velocity at (x_σ, σ).
+        sigma, sigma_next: scalars or ``[N]``.
+    Returns:
+        ``(mean [N, ...], std [N, 1, ..., 1] or [])`` in float32 (float64 if the inputs are).
+    """
+    dt_ = _compute_dtype(v)
+    x = x_t.to(dt_)  # [N, ...]
+    v = v.to(dt_)  # [N, ...]
+    s = _bcast(torch.as_tensor(sigma, dtype=torch.float64), x)  # [N, 1, ...] or []
+    s_next = _bcast(torch.as_tensor(sigma_next, dtype=torch.float64), x)  # [N, 1, ...] or []
+    delta = s_next - s  # [N, 1, ...] Δ < 0
+    g = sde_std(s, noise_level, sigma_max).to(dt_)  # [N, 1, ...] g_σ
+    mean = x + (v + g**2 / (2.0 * s) * (x + (1.0 - s) * v)) * delta  # [N, ...] μ
+    std = g * torch.sqrt(-delta)  # [N, 1, ...] s
+    return mean, std
+
+
+def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor, reduce: str = "mean") -> Tensor:
+    """Per-sample log N(x; μ, s²·I): the elementwise log-density −(x − μ)²/(2s²) − log s − ½log 2π,
+    then averaged ("mean", Flow-GRPO's choice: a per-dimension log-prob) or summed ("sum", the joint
+    log-density) over the non-batch dims. ``x``, ``mean`` ``[N, ...]``; ``std`` broadcastable ->
+    ``[N]``."""
+    _require(reduce in LOG_PROB_REDUCTIONS, "reduce", f"one of {LOG_PROB_REDUCTIONS}", reduce)
+    std = std.to(mean.dtype).expand_as(mean)  # [N, ...]
+    lp = (
+        -((x.detach().to(mean.dtype) - mean) ** 2) / (2.0 * std**2)
+        - torch.log(std)
+        - 0.5 * math.log(2 * math.pi)
+    )  # [N, ...]
+    flat = lp.reshape(lp.shape[0], -1)  # [N, D]
+    return flat.mean(dim=1) if reduce == "mean" else flat.sum(dim=1)  # [N]
+
+
+def sde_step(
+    x_t: Tensor,
+    v: Tensor,
+    sigma: Tensor | float,
+    sigma_next: Tensor | float,
+    noise_level: float,
+    sigma_max: float | None = None,
+    generator: torch.Generator | None = None,
+    reduce: str = "mean",
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One SDE sampling step with its log-probability: returns ``(x_next [N, ...], log_prob [N],
+    mean [N, ...], std)`` with x_next = μ + s·z."""
+    mean, std = sde_step_mean_std(x_t, v, sigma, sigma_next, noise_level, sigma_max)
+    z = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)  # [N, ...]
+    x_next = mean + std * z  # [N, ...]
+    return x_next, gaussian_log_prob(x_next, mean, std, reduce), mean, std
+
+
+def sde_step_log_prob(
+    x_t: Tensor,
+    v: Tensor,
+    x_next: Tensor,
+    sigma: Tensor | float,
+    sigma_next: Tensor | float,
+    noise_level: float,
+    sigma_max: float | None = None,
+    reduce: str = "mean",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """log p_v(x_next | x_t) of a recorded step under velocity ``v`` (with grad through v):
+    ``(log_prob [N], mean [N, ...], std)``."""
+    mean, std = sde_step_mean_std(x_t, v, sigma, sigma_next, noise_level, sigma_max)
+    return gaussian_log_prob(x_next, mean, std, reduce), mean, std
+
+
+def group_advantages(rewards: Tensor, eps: float = 1e-4, mask: Tensor | None = None) -> Tensor:
+    """A_i = (r_i − mean_g r)/(std_g r + eps), population std within each prompt group (Flow-GRPO's
+    per-prompt stat tracking). A zero-variance group gives A = 0. ``[G, K] -> [G, K]``; masked
+    entries are left out of the statistics and get 0."""
+    _require(rewards.ndim == 2, "rewards", "a [G, K] tensor", tuple(rewards.shape))
+    r = rewards.to(torch.float64)  # [G, K]
+    m = torch.ones_like(r) if mask is None else mask.to(torch.float64)  # [G, K]
+    n = m.sum(dim=1, keepdim=True).clamp_min(1.0)  # [G, 1]
+    mean = (r * m).sum(dim=1, keepdim=True) / n  # [G, 1]
+    c = (r - mean) * m  # [G, K]
+    std = ((c**2).sum(dim=1, keepdim=True) / n).sqrt()  # [G, 1]
+    out_dtype = rewards.dtype if rewards.is_floating_point() else torch.get_default_dtype()
+    return (c / (std + eps)).to(out_dtype)  # [G, K]
+
+
+def ppo_clip_loss(
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    adv: Tensor,
+    clip_range: float,
+    adv_clip: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate for one denoising step: mean_i max(−A_i·ρ_i, −A_i·clip(ρ_i, 1 ± ε)),
+    ρ = exp(log_prob − old_log_prob), A clipped to ±``adv_clip`` first (if given).
+
+    Args:
+        log_prob: ``[N]`` under θ (with grad).  old_log_prob: ``[N]`` recorded at sampling.
+        adv: ``[N]`` advantages.
+    Returns:
+        ``(loss, stats)``: stats are detached clipfrac (fraction with |ρ − 1| > ε) and approx_kl
+        (½·mean (log ρ)²).
+    """
+    _require(clip_range > 0, "clip_range", "> 0", clip_range)
+    adv = adv.detach().to(log_prob.dtype)  # [N]
+    if adv_clip is not None:
+        adv = adv.clamp(-adv_clip, adv_clip)  # [N]
+    log_ratio = log_prob - old_log_prob.detach().to(log_prob.dtype)  # [N]
+    ratio = torch.exp(log_ratio)  # [N] ρ
+    unclipped = -adv * ratio  # [N]
+    clipped = -adv * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)  # [N]
+    loss = torch.maximum(unclipped, clipped).mean()  # []
+    with torch.no_grad():
+        stats = {
+            "clipfrac": ((ratio - 1.0).abs() > clip_range).to(log_prob.dtype).mean(),
+            "approx_kl": 0.5 * (log_ratio**2).mean(),
+        }
+    return loss, stats
+
+
+def gaussian_kl_same_std(mean_theta: Tensor, mean_ref: Tensor, std: Tensor | float) -> Tensor:
+    """KL(N(μ_θ, s²I) ‖ N(μ_ref, s²I)) per element, averaged over the non-batch dims (the same
+    per-dimension scale as ``gaussian_log_prob(reduce="mean")``): mean (μ_θ − μ_ref)²/(2s²).
+    ``[N, ...]`` -> ``[N]``; μ_ref is detached."""
+    std = torch.as_tensor(std, dtype=mean_theta.dtype, device=mean_theta.device)
+    return _per_sample_mean(
+        (mean_theta - mean_ref.detach().to(mean_theta.dtype)) ** 2 / (2.0 * std**2)
+    )  # [N]
+
+
+@dataclass
+class GRPOConfig:
+    """Hyperparameters of the Flow-GRPO-style baseline (defaults from the Flow-GRPO code base)."""
+
+    noise_level: float = 0.7
+    """a in the SDE diffusion g_σ = a·sqrt(σ/(1 − σ))."""
+    num_sampling_steps: int = 10
+    """SDE sampler steps for training rollouts (log-probs recorded for each)."""
+    time_shift: float = 3.0
+    """SD3 shift of the sampler's schedule."""
+    train_fraction: float = 0.99
+    """Fraction of the denoising steps (from the noisiest) trained on per sample."""
+    clip_range: float = 1e-4
+    """PPO clip ε on the ratio (tiny because the log-probs are per-dimension means)."""
+    adv_clip: float = 5.0
+    """Advantages are clipped to ±adv_clip in the PPO loss."""
+    adv_eps: float = 1e-4
+    """eps in A = (r − mean_g r)/(std_g r + eps)."""
+    kl_beta: float = 0.04
+    """β of the KL to the frozen reference (0 = off)."""
+    kl_std: str = "step"
+    """Std in the KL's denominator: 'step' = the step's true std g·sqrt(−Δ) (the exact Gaussian KL),
+    'sde' = g alone, as in the Flow-GRPO code (a KL scaled by 1/|Δ|)."""
+    log_prob_reduce: str = "mean"
+    """Reduction of the per-element log-density: 'mean' (Flow-GRPO) or 'sum' (joint)."""
+
+    def validate(self) -> None:
+        _require(self.noise_level > 0, "noise_level", "> 0", self.noise_level)
+        _require(self.num_sampling_steps >= 1, "num_sampling_steps", ">= 1", self.num_sampling_steps)
+        _require(self.time_shift > 0, "time_shift", "> 0", self.time_shift)
+        _require(0.0 < self.train_fraction <= 1.0, "train_fraction", "in (0, 1]", self.train_fraction)
+        _require(self.clip_range > 0, "clip_range", "> 0", self.clip_range)
+        _require(self.adv_clip > 0, "adv_clip", "> 0", self.adv_clip)
+        _require(self.adv_eps >= 0, "adv_eps", ">= 0", self.adv_eps)
+        _require(self.kl_beta >= 0, "kl_beta", ">= 0", self.kl_beta)
+        _require(self.kl_std in KL_STD_MODES, "kl_std", f"one of {KL_STD_MODES}", self.kl_std)
+        _require(
+            self.log_prob_reduce in LOG_PROB_REDUCTIONS,
+            "log_prob_reduce",
+            f"one of {LOG_PROB_REDUCTIONS}",
+            self.log_prob_reduce,
+        )
+
+    def sigmas(self) -> Tensor:
+        """The SDE sampler's levels ``[num_sampling_steps + 1]`` (1 -> 0, shifted)."""
+        return sampling_sigmas(self.num_sampling_steps, self.time_shift)
+
+    def sigma_max(self) -> float:
+        """The largest level below 1, used for σ = 1 in g_σ's denominator."""
+        return float(self.sigmas()[1])
+
+    def num_train_steps(self) -> int:
+        """Denoising steps trained on per sample: the first ⌊train_fraction·S⌋ (at least 1), as
+        Flow-GRPO's int(num_steps·timestep_fraction)."""
+        return max(1, int(self.train_fraction * self.num_sampling_steps + 1e-9))
+
+
+def kl_std_for(
+    std_step: Tensor, sigma: Tensor | float, config: GRPOConfig, sigma_max: float | None = None
+) -> Tensor:
+    """The std used in the KL per ``config.kl_std``: the step std itself ('step'), or g_σ ('sde'),
+    shaped like ``std_step`` (``[]`` or ``[N, 1, ..., 1]``)."""
+    if config.kl_std == "step":
+        return std_step
+    g = sde_std(torch.as_tensor(sigma, dtype=torch.float64), config.noise_level, sigma_max)  # [] or [N]
+    g = g.to(dtype=std_step.dtype, device=std_step.device)
+    return g.reshape(std_step.shape) if g.numel() == std_step.numel() else g
+
+
+def grpo_step_loss(
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    adv: Tensor,
+    config: GRPOConfig,
+    mean_theta: Tensor | None = None,
+    mean_ref: Tensor | None = None,
+    kl_std: Tensor | float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO-clip loss of one denoising step plus β·mean KL to the reference.
+
+    Args:
+        log_prob: ``[N]`` log p_θ(x_{j+1} | x_j) (``sde_step_log_prob``, with grad).
+        old_log_prob: ``[N]`` recorded by the sampler.  adv: ``[N]`` advantages.
+        mean_theta, mean_ref: ``[N, ...]`` step means under θ and the frozen reference (needed when
+            ``config.kl_beta > 0``).  kl_std: the std for the KL (``kl_std_for``).
+    Returns:
+        ``(loss, stats)`` with detached policy_loss, kl, clipfrac, approx_kl, loss.
+    """
+    policy_loss, stats = ppo_clip_loss(log_prob, old_log_prob, adv, config.clip_range, config.adv_clip)
+    loss = policy_loss  # []
+    if config.kl_beta > 0:
+        _require(
+            mean_theta is not None and mean_ref is not None and kl_std is not None,
+            "mean_ref",
+            "mean_theta, mean_ref and kl_std when kl_beta > 0",
+            None,
+        )
+        kl = gaussian_kl_same_std(mean_theta, mean_ref, kl_std).mean()  # []
+        loss = loss + config.kl_beta * kl.to(loss.dtype)  # []
+        stats["kl"] = kl.detach()
+    stats["policy_loss"] = policy_loss.detach()
+    stats["loss"] = loss.detach()
+    return loss, stats

@@ -1,0 +1,257 @@
+"""One adapter over SD3-family flow pipelines (real SD3/SD3.5 loaded from a local path or hub id, and
+the shapes-world base model, which is a small StableDiffusion3Pipeline in pixel space).
+
+Rectified-flow notation (ALGORITHMS.md): x_σ = (1 − σ)·x0 + σ·ε, velocity target u = ε − x0, and the
+network v(x_σ, σ, c). Sampling integrates dx/dσ = v from σ = 1 (noise) to σ = 0 with Euler steps.
+
+Everything that trains or samples goes through :class:`FlowModel`: prompt encoding (with the empty
+prompt for CFG), velocity, CFG, decoding, and the deterministic per-sample-seeded ODE sampler. The
+denoiser can be swapped per call (``transformer=``) so θ, p_old, p_samp and the frozen anchor p_φ
+share one set of text encoders.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.config import ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Components a StableDiffusion3Pipeline may leave out; passed as None when the folder lacks them.
+OPTIONAL_COMPONENTS = ("vae", "text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class PromptEmbeds:
+    """Text conditioning of an SD3-family denoiser."""
+
+    hidden: torch.Tensor  # [B, L, D] token embeddings (CLIP-L ‖ CLIP-G, padded, then T5)
+    pooled: torch.Tensor  # [B, P] pooled CLIP embeddings
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    def repeat_interleave(self, k: int) -> "PromptEmbeds":
+        return PromptEmbeds(self.hidden.repeat_interleave(k, 0), self.pooled.repeat_interleave(k, 0))
+
+    def __getitem__(self, index) -> "PromptEmbeds":
+        return PromptEmbeds(self.hidden[index], self.pooled[index])
+
+    @staticmethod
+    def cat(parts: Sequence["PromptEmbeds"]) -> "PromptEmbeds":
+        return PromptEmbeds(torch.cat([p.hidden for p in parts]), torch.cat([p.pooled for p in parts]))
+
+
+def load_sd3_pipeline(path: str, dtype: torch.dtype = torch.float32):
+    """StableDiffusion3Pipeline from a local folder (optional components absent from model_index.json
+    become None) or from a hub id (only where the hub is reachable)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    folder = Path(path)
+    kwargs: dict = {"torch_dtype": dtype}
+    if folder.is_dir():
+        index_file = folder / "model_index.json"
+        if not index_file.is_file():
+            raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+        index = json.loads(index_file.read_text())
+        for name in OPTIONAL_COMPONENTS:
+            entry = index.get(name)
+            if entry is None or entry == [None, None] or not (folder / name).exists():
+                kwargs[name] = None
+    return StableDiffusion3Pipeline.from_pretrained(str(path), **kwargs)
+
+
+class FlowModel:
+    """The adapter: text encoding, velocity, CFG, decoding and the Euler ODE sampler."""
+
+    def __init__(self, pipe, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 max_sequence_length: int = 0, prompt_cache_size: int = 4096):
+        self.pipe = pipe
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.max_sequence_length = max_sequence_length
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
+            module = getattr(pipe, name, None)
+            if module is not None:
+                module.requires_grad_(False).eval().to(self.device)
+        pipe.transformer.to(self.device, dtype)
+        self._prompt_cache: OrderedDict[str, PromptEmbeds] = OrderedDict()
+        self._prompt_cache_size = prompt_cache_size
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_pretrained(cls, path: str, device: str = "auto", dtype: str = "float32",
+                        max_sequence_length: int = 0) -> "FlowModel":
+        torch_dtype = DTYPES[dtype]
+        pipe = load_sd3_pipeline(path, dtype=torch.float32)
+        return cls(pipe, resolve_device(device), torch_dtype, max_sequence_length)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> "FlowModel":
+        return cls.from_pretrained(cfg.path, cfg.device, cfg.dtype, cfg.max_sequence_length)
+
+    def save_pretrained(self, path: str | Path, transformer: nn.Module | None = None) -> None:
+        """Save the pipeline in diffusers format, optionally with another denoiser in it."""
+        original = self.pipe.transformer
+        if transformer is not None:
+            self.pipe.transformer = transformer
+        try:
+            self.pipe.save_pretrained(str(path))
+        finally:
+            self.pipe.transformer = original
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def transformer(self) -> nn.Module:
+        return self.pipe.transformer
+
+    @property
+    def vae(self):
+        return getattr(self.pipe, "vae", None)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """[C, H, W] of x0 at the model's default resolution."""
+        cfg = self.transformer.config
+        return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+
+    @property
+    def image_size(self) -> int:
+        scale = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        return self.transformer.config.sample_size * scale
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.pipe.scheduler.config.num_train_timesteps)
+
+    # ----------------------------------------------------------------- text
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
+        """Embeddings of each prompt (cached per text: the encoders are frozen)."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if missing:
+            hidden, _, pooled, _ = self.pipe.encode_prompt(
+                prompt=list(missing), prompt_2=None, prompt_3=None, device=self.device,
+                do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
+            )
+            for i, prompt in enumerate(missing):
+                self._prompt_cache[prompt] = PromptEmbeds(hidden[i : i + 1].to(self.dtype),
+                                                          pooled[i : i + 1].to(self.dtype))
+        for prompt in prompts:
+            self._prompt_cache.move_to_end(prompt)
+        out = PromptEmbeds.cat([self._prompt_cache[p] for p in prompts])
+        while len(self._prompt_cache) > self._prompt_cache_size:
+            self._prompt_cache.popitem(last=False)
+        return out
+
+    def empty_embeds(self, batch: int) -> PromptEmbeds:
+        """The unconditional (empty prompt) embedding used for CFG, repeated ``batch`` times."""
+        return self.encode_prompts([""]).repeat_interleave(batch)
+
+    # ----------------------------------------------------------------- denoiser
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds,
+                 transformer: nn.Module | None = None) -> torch.Tensor:
+        """v(x_σ, σ, c). x: [B, C, H, W], sigma: [B] in [0, 1]."""
+        net = transformer if transformer is not None else self.transformer
+        timestep = sigma.to(self.device, torch.float32) * self.num_train_timesteps  # [B]
+        out = net(
+            hidden_states=x.to(self.device, self.dtype),
+            timestep=timestep,
+            encoder_hidden_states=cond.hidden.to(self.device, self.dtype),
+            pooled_projections=cond.pooled.to(self.device, self.dtype),
+            return_dict=False,
+        )[0]
+        return out  # [B, C, H, W]
+
+    def guided_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds, scale: float,
+                        transformer: nn.Module | None = None, uncond: PromptEmbeds | None = None
+                        ) -> torch.Tensor:
+        """CFG: v^w = v(·, ∅) + w·(v(·, c) − v(·, ∅)); one batched forward for both halves."""
+        if scale == 1.0:
+            return self.velocity(x, sigma, cond, transformer)
+        batch = x.shape[0]
+        uncond = uncond if uncond is not None else self.empty_embeds(batch)
+        both = self.velocity(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                             PromptEmbeds.cat([uncond, cond]), transformer)  # [2B, C, H, W]
+        v_uncond, v_cond = both.chunk(2)
+        return v_uncond + scale * (v_cond - v_uncond)
+
+    # ----------------------------------------------------------------- sampling
+    def sigmas(self, num_steps: int, shift: float = 1.0) -> torch.Tensor:
+        """σ schedule [num_steps + 1] from 1 to 0, shifted like SD3: σ' = s·σ / (1 + (s − 1)·σ)."""
+        sigma = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+        sigma = shift * sigma / (1 + (shift - 1) * sigma)
+        return sigma.float()
+
+    def initial_noise(self, seeds: Sequence[int], shape: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """ε for each seed, drawn on the CPU so a seed gives the same noise on every device."""
+        shape = shape or self.latent_shape
+        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        return torch.stack(noise).to(self.device)  # [B, C, H, W]
+
+    @torch.no_grad()
+    def sample(self, prompts: Sequence[str], seeds: Sequence[int], num_steps: int = 10,
+               guidance_scale: float = 1.0, shift: float = 1.0, transformer: nn.Module | None = None,
+               batch_size: int = 64) -> torch.Tensor:
+        """Deterministic Euler ODE sampling; one sample per (prompt, seed) pair. Returns x0 [B, C, H, W]
+        (float32 on the model's device)."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        sigmas = self.sigmas(num_steps, shift).to(self.device)  # [S + 1]
+        outs = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start : start + batch_size])
+            x = self.initial_noise(seeds[start : start + batch_size])  # [b, C, H, W]
+            cond = self.encode_prompts(chunk)
+            uncond = self.empty_embeds(len(chunk)) if guidance_scale != 1.0 else None
+            for i in range(num_steps):
+                sigma = sigmas[i].expand(len(chunk))  # [b]
+                v = self.guided_velocity(x, sigma, cond, guidance_scale, transformer, uncond)
+                x = x + (sigmas[i + 1] - sigmas[i]) * v.float()
+            outs.append(x)
+        return torch.cat(outs)
+
+    # ----------------------------------------------------------------- pixels
+    @torch.no_grad()
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """x0 (latents, or pixels in [-1, 1] for a VAE-less model) -> images [B, 3, H, W] in [0, 1]."""
+        if self.vae is None:
+            images = x0.float()
+        else:
+            cfg = self.vae.config
+            latents = x0.to(self.vae.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+            images = self.vae.decode(latents, return_dict=False)[0].float()
+        return ((images + 1) / 2).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] -> x0 (the inverse of :meth:`decode` up to the VAE)."""
+        pixels = images.to(self.device, torch.float32) * 2 - 1
+        if self.vae is None:
+            return pixels
+        cfg = self.vae.config
+        latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mode()
+        return ((latents - (cfg.shift_factor or 0.0)) * cfg.scaling_factor).float()
+
+    @staticmethod
+    def to_uint8(images: torch.Tensor) -> np.ndarray:
+        """[B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3]."""
+        return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], **sample_kwargs) -> np.ndarray:
+        """Prompts and seeds -> uint8 images [B, H, W, 3]."""
+        return self.to_uint8(self.decode(self.sample(prompts, seeds, **sample_kwargs)))

@@ -1,0 +1,46 @@
+"""Configuration of the model adapter and its ODE sampler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from diffrl.config import require
+
+
+@dataclass
+class ModelConfig:
+    path: str = "assets/shapes-base"
+    """Local folder of a diffusers SD3-family pipeline (model_index.json + component folders), or a
+    hub id where the hub is reachable. The default is the shipped shapes-world base model."""
+    dtype: str = "float32"
+    """Compute dtype of the denoiser: float32, bfloat16 or float16 (bf16 on GPUs)."""
+    device: str = "auto"
+    """Torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:N."""
+    max_sequence_length: int = 0
+    """T5 tokens per prompt for pipelines with a T5 encoder (SD3: 256); 0 = CLIP tokens only."""
+
+    def validate(self) -> None:
+        require(bool(self.path), "path", "a local path or hub id")
+        require(self.dtype in ("float32", "bfloat16", "float16"), "dtype", "float32|bfloat16|float16",
+                self.dtype)
+        require(self.device == "auto" or self.device.startswith(("cpu", "cuda")), "device",
+                "auto|cpu|cuda[:N]", self.device)
+        require(self.max_sequence_length >= 0, "max_sequence_length", "an int >= 0")
+
+
+@dataclass
+class SamplingConfig:
+    num_steps: int = 10
+    """Euler steps of the deterministic ODE sampler."""
+    guidance_scale: float = 1.0
+    """Classifier-free guidance scale w; 1.0 = no CFG (one forward per step)."""
+    shift: float = 1.0
+    """Timestep shift of the sigma schedule (SD3: 3.0); 1.0 = linear in sigma."""
+    batch_size: int = 64
+    """Images denoised together in one forward."""
+
+    def validate(self) -> None:
+        require(self.num_steps >= 1, "num_steps", "an int >= 1", self.num_steps)
+        require(self.guidance_scale >= 0, "guidance_scale", "a float >= 0", self.guidance_scale)
+        require(self.shift > 0, "shift", "a float > 0", self.shift)
+        require(self.batch_size >= 1, "batch_size", "an int >= 1", self.batch_size)

@@ -1,0 +1,178 @@
+"""Small SD3-family pipelines built from configs, with a locally written tokenizer: no downloads.
+
+The shapes-world base model is one of these (trained by ``diffrl pretrain``): a real
+``StableDiffusion3Pipeline`` with two small CLIP text encoders, no T5, an ``SD3Transformer2DModel``
+that works directly in pixel space (``vae=None``; 3 channels in [-1, 1]) and the flow-matching Euler
+scheduler. Tests build the same thing with random weights to exercise the SD3 code path on CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from diffrl.config import require
+
+# Whole-word tokens; anything else falls back to characters, so no text is ever rejected.
+DEFAULT_WORDS = (
+    "a", "an", "one", "two", "three", "four", "and", "with", "of",
+    "red", "green", "blue", "yellow",
+    "circle", "circles", "square", "squares", "triangle", "triangles",
+)
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+@dataclass
+class TinySD3Arch:
+    """Sizes of a small SD3-family pipeline."""
+
+    image_size: int = 32
+    """Image side in pixels (the transformer works in pixel space: sample_size = image_size)."""
+    patch_size: int = 4
+    """Transformer patch side; (image_size / patch_size)^2 image tokens."""
+    num_layers: int = 4
+    """Joint-attention transformer blocks."""
+    num_heads: int = 4
+    """Attention heads per block."""
+    head_dim: int = 32
+    """Channels per head; the transformer width is num_heads * head_dim."""
+    text_hidden: int = 64
+    """Hidden width of each of the two CLIP text encoders."""
+    text_layers: int = 2
+    """Layers of each CLIP text encoder (SD3 takes the penultimate hidden state)."""
+    text_heads: int = 2
+    """Attention heads of each CLIP text encoder."""
+    text_projection: int = 32
+    """Pooled projection width of each CLIP encoder (pooled_projection_dim = 2 x this)."""
+    max_tokens: int = 16
+    """Tokenizer max length (prompt tokens incl. start/end)."""
+
+    def validate(self) -> None:
+        require(self.image_size > 0 and self.image_size % self.patch_size == 0, "image_size",
+                "a positive multiple of patch_size", self.image_size)
+        for name in ("patch_size", "num_layers", "num_heads", "head_dim", "text_hidden", "text_layers",
+                     "text_heads", "text_projection"):
+            require(getattr(self, name) >= 1, name, "an int >= 1", getattr(self, name))
+        require(self.text_layers >= 2, "text_layers", "an int >= 2 (SD3 reads the penultimate layer)")
+        require(self.text_hidden % self.text_heads == 0, "text_hidden", "a multiple of text_heads")
+        require(self.max_tokens >= 4, "max_tokens", "an int >= 4", self.max_tokens)
+
+
+def _bpe(word: str, ranks: dict[str, int]) -> list[str]:
+    """Byte-pair encode one word with the given merge ranks (lowest rank merges first)."""
+    symbols = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(symbols) > 1:
+        pairs = [f"{a} {b}" for a, b in zip(symbols, symbols[1:])]
+        best = min(pairs, key=lambda p: ranks.get(p, len(ranks) + 1))
+        if best not in ranks:
+            break
+        i = pairs.index(best)
+        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2:]
+    return symbols
+
+
+def _whole_word_merges(words: Iterable[str]) -> list[str]:
+    """Merge rules under which every word is one token: append the merge of the first two symbols of
+    any word still split, until none is (appended rules rank last, so earlier words stay whole)."""
+    merges: list[str] = []
+    ranks: dict[str, int] = {}
+    pending = list(dict.fromkeys(words))
+    while pending:
+        still_split = []
+        for word in pending:
+            symbols = _bpe(word, ranks)
+            if len(symbols) > 1:
+                pair = f"{symbols[0]} {symbols[1]}"
+                if pair not in ranks:
+                    ranks[pair] = len(merges)
+                    merges.append(pair)
+                still_split.append(word)
+        pending = still_split
+    return merges
+
+
+def write_clip_tokenizer(folder: str | Path, words: Iterable[str] = DEFAULT_WORDS, max_length: int = 16):
+    """Write vocab.json / merges.txt / configs of a CLIP BPE tokenizer whose whole words are single
+    tokens (see _whole_word_merges); characters stay as a fallback, so no text is rejected."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
+    vocab: dict[str, int] = {}
+
+    def add(token: str) -> None:
+        vocab.setdefault(token, len(vocab))
+
+    for c in chars:
+        add(c)
+        add(c + "</w>")
+    merges = _whole_word_merges(words)
+    for pair in merges:
+        add(pair.replace(" ", ""))
+    add(BOS)
+    add(EOS)
+    tok = CLIPTokenizer(
+        vocab=vocab,
+        merges=[tuple(m.split(" ")) for m in merges],
+        model_max_length=max_length,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=EOS,
+        pad_token=EOS,
+    )
+    tok.save_pretrained(folder)
+    return tok
+
+
+def build_tiny_sd3(arch: TinySD3Arch, workdir: str | Path, seed: int = 0):
+    """A randomly initialised StableDiffusion3Pipeline of the given sizes (pixel space, no VAE, no T5).
+    ``workdir`` receives the tokenizer files."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    arch.validate()
+    torch.manual_seed(seed)
+    tokenizer = write_clip_tokenizer(Path(workdir) / "tokenizer", max_length=arch.max_tokens)
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=arch.text_hidden,
+        intermediate_size=arch.text_hidden * 4,
+        num_hidden_layers=arch.text_layers,
+        num_attention_heads=arch.text_heads,
+        max_position_embeddings=arch.max_tokens,
+        projection_dim=arch.text_projection,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text_encoder = CLIPTextModelWithProjection(text_config)
+    text_encoder_2 = CLIPTextModelWithProjection(text_config)
+    transformer = SD3Transformer2DModel(
+        sample_size=arch.image_size,
+        patch_size=arch.patch_size,
+        in_channels=3,
+        out_channels=3,
+        num_layers=arch.num_layers,
+        attention_head_dim=arch.head_dim,
+        num_attention_heads=arch.num_heads,
+        joint_attention_dim=2 * arch.text_hidden,
+        caption_projection_dim=arch.num_heads * arch.head_dim,
+        pooled_projection_dim=2 * arch.text_projection,
+        pos_embed_max_size=arch.image_size // arch.patch_size,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=None,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
