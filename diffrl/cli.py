@@ -59,17 +59,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------- eval
 def _eval_schema():
-    from diffrl.evaluation import EvalConfig
-    from models.config import ModelConfig
-
-    @dataclass
-    class EvalCommandConfig:
-        model: ModelConfig = field(default_factory=ModelConfig)
-        """The model to evaluate."""
-        eval: EvalConfig = field(default_factory=EvalConfig)
-        """What to evaluate and how to sample."""
-        output_dir: str = "runs/eval"
-        """Where the image grid and metrics.json are written."""
+    from diffrl.evaluation import EvalCommandConfig
 
     return EvalCommandConfig
 

@@ -171,10 +171,7 @@ def format_help(schema: type) -> str:
     """Human-readable list of every config key, its type, default and meaning."""
     lines = []
     for key, type_name, default, doc in describe(schema):
-        if default == "" and type_name and doc and "." not in key:
-            lines.append(f"\n[{key}]  {doc}")
-            continue
-        if default == "":
+        if default == "":  # a nested section
             lines.append(f"\n[{key}]  {doc}")
             continue
         lines.append(f"  {key} ({type_name}, default {default})")

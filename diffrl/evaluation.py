@@ -12,9 +12,12 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from dataclasses import field
+
 from diffrl.config import require
 from models import shapes_world
 from models.adapter import FlowModel
+from models.config import ModelConfig
 from reward_servers.scorers import shapes as shapes_scorer
 
 SPLITS = ("eval", "train", "all")
@@ -49,6 +52,18 @@ class EvalConfig:
         require(self.batch_size >= 1, "batch_size", "an int >= 1", self.batch_size)
         require(self.grid_prompts >= 0, "grid_prompts", "an int >= 0", self.grid_prompts)
         require(self.max_prompts >= 0, "max_prompts", "an int >= 0", self.max_prompts)
+
+
+@dataclass
+class EvalCommandConfig:
+    """What ``diffrl eval`` reads."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model to evaluate."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """What to evaluate and how to sample."""
+    output_dir: str = "runs/eval"
+    """Where the image grid and metrics.json are written."""
 
 
 def split_prompts(split: str) -> list[str]:

@@ -62,7 +62,7 @@ def load_sd3_pipeline(path: str, dtype: torch.dtype = torch.float32):
     from diffusers import StableDiffusion3Pipeline
 
     folder = Path(path)
-    kwargs: dict = {"torch_dtype": dtype}
+    kwargs: dict = {"dtype": dtype}
     if folder.is_dir():
         index_file = folder / "model_index.json"
         if not index_file.is_file():

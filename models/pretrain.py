@@ -38,7 +38,7 @@ class PretrainConfig:
     """Rendered images per optimizer step."""
     lr: float = 1e-3
     """Peak AdamW learning rate (linear warm-up, then cosine decay over the time budget)."""
-    warmup_steps: int = 200
+    warmup_steps: int = 100
     """Linear learning-rate warm-up steps."""
     weight_decay: float = 0.0
     """AdamW weight decay."""

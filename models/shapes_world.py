@@ -29,9 +29,9 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Sequence, Union
+from functools import cache, lru_cache
 
 import numpy as np
 
@@ -142,7 +142,7 @@ def parse_prompt(prompt: str) -> list[Clause]:
 
     Surrounding whitespace, repeated spaces and upper case are tolerated."""
     if not isinstance(prompt, str):
-        raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
+        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
     text = " ".join(prompt.lower().split())
     if not text:
         raise ValueError("empty prompt")
@@ -171,7 +171,7 @@ def canonical_prompt(prompt: str) -> str:
     return format_prompt(canonical_clauses(parse_prompt(prompt)))
 
 
-def prompt_objects(prompt_or_clauses: Union[str, Sequence[Clause]]) -> Counter:
+def prompt_objects(prompt_or_clauses: str | Sequence[Clause]) -> Counter:
     """Multiset of (colour, shape) the prompt asks for."""
     clauses = parse_prompt(prompt_or_clauses) if isinstance(prompt_or_clauses, str) else prompt_or_clauses
     return Counter({c.kind: c.count for c in clauses})
@@ -199,7 +199,7 @@ def _splits() -> tuple[tuple[str, ...], tuple[str, ...]]:
     prompts = _all_prompts()
     single = [p for p in prompts if " and " not in p]
     double = [p for p in prompts if " and " in p]
-    n_eval_double = int(round(EVAL_TWO_KIND_FRACTION * len(double)))
+    n_eval_double = round(EVAL_TWO_KIND_FRACTION * len(double))
     eval_set = set(sorted(double, key=_rank)[:n_eval_double])
     # One single-kind prompt per count, with distinct colours and distinct kinds.
     used_counts: set[int] = set()
@@ -270,9 +270,9 @@ class SceneObject:
 
     def pixel_bbox(self) -> tuple[int, int, int, int]:
         """Inclusive pixel bounds (x0, y0, x1, y1) of the object's box, as ``render`` draws it."""
-        size = int(round(self.size))
-        x0 = int(round(self.cx - size / 2.0))
-        y0 = int(round(self.cy - size / 2.0))
+        size = round(self.size)
+        x0 = round(self.cx - size / 2.0)
+        y0 = round(self.cy - size / 2.0)
         return (x0, y0, x0 + size - 1, y0 + size - 1)
 
 
@@ -283,7 +283,7 @@ def _boxes_clear(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> 
 
 
 def sample_scene(
-    prompt_or_clauses: Union[str, Sequence[Clause]], rng: np.random.Generator
+    prompt_or_clauses: str | Sequence[Clause], rng: np.random.Generator
 ) -> list[SceneObject]:
     """Random non-overlapping placement of the prompt's objects (objects listed clause by clause).
 
@@ -326,7 +326,7 @@ _COLOR_ARRAYS = {k: np.array(v, dtype=np.uint8) for k, v in COLORS.items()}
 _BACKGROUND_ARRAY = np.array(BACKGROUND, dtype=np.uint8)
 
 
-@lru_cache(maxsize=None)
+@cache
 def shape_template(shape: str, size: int) -> np.ndarray:
     """Boolean [size, size] coverage of ``shape`` drawn in a size x size box (pixel centres).
 
@@ -357,7 +357,7 @@ def render(scene: Sequence[SceneObject], out: np.ndarray | None = None) -> np.nd
         if obj.color not in _COLOR_ARRAYS:
             raise ValueError(f"unknown colour {obj.color!r}")
         x0, y0, _, _ = obj.pixel_bbox()
-        size = int(round(obj.size))
+        size = round(obj.size)
         mask = shape_template(obj.shape, size)
         ya, yb = min(max(y0, 0), IMAGE_SIZE), min(max(y0 + size, 0), IMAGE_SIZE)  # clip to canvas
         xa, xb = min(max(x0, 0), IMAGE_SIZE), min(max(x0 + size, 0), IMAGE_SIZE)

@@ -7,18 +7,26 @@ Detection (pure OpenCV/numpy, no learning):
    by blending with the near-white background, so blurred edges keep their colour), else
    off-palette. A pixel takes its hue class if its chroma reaches that class's threshold (palette
    colours: halfway from the background's chroma to the colour's, ``CHROMA_FRACTION``; off-palette:
-   ``CHROMA_MIN``). Other pixels are background, except dark unsaturated ones (value <
-   ``VALUE_MIN_BG`` and chroma < ``CHROMA_MIN``: black / grey ink), which are off-palette.
+   ``CHROMA_MIN``). Other pixels are background if bright (value = max channel >= ``VALUE_MIN_BG``;
+   blends of any palette colour with the background are), else off-palette (black, grey, brown,
+   dark or dull versions of palette colours).
 2. Objects. 8-connected components of each class separately; components smaller than
    ``MIN_AREA`` pixels (stray pixels, noise) are ignored. An off-palette component is an object of
    colour ``OFF_PALETTE`` ("other"), which never matches a prompt (so it is an extra object).
-3. Shape from the component's pixels: skew = skewness of the pixel rows (an upright triangle is
-   bottom-heavy, skew about -0.5; circles and squares are symmetric, 0) and corner fill = the
-   mean ink strength over the four 2x2 corner windows of its bounding box, trimmed of sparse edge
-   rows/columns (``TRIM_FRACTION``: stray pixels glued to an edge) (square 1, circle
-   <= 0.25), where ink strength is a pixel's chroma scaled from the background's (0) to its
-   palette colour's (1), soft so that blur and noise at the corners average out. Triangle if skew <= ``TRIANGLE_SKEW``, else square if corner fill >=
-   ``SQUARE_CORNER_FILL``, else circle.
+   (Implementation: one OpenCV labelling of all inked pixels of a whole batch, stacked with zero
+   gutters; images where a component mixes colour classes are relabelled one class at a time.)
+3. Shape from the component's moments. skew = skewness of its pixel rows: an upright triangle is
+   bottom-heavy (-0.50 to -0.55), circles and squares are symmetric (0); triangle if skew <=
+   ``TRIANGLE_SKEW``. Otherwise cross = E[dx^2 dy^2] / (E[dx^2] E[dy^2]) about the centroid, 1 for
+   an axis-aligned square (x and y independent) and 2/3 for a disc; it is averaged over two
+   weightings, the component's binary mask, and the "ink strength" (chroma scaled from the
+   background's, 0, to its palette colour's, 1) of its pixels plus the unlabelled pixels
+   8-adjacent to it that have its hue; they fail in opposite ways (stray pixels vs. blurred
+   corners). Square if that mean >= ``SQUARE_CROSS``, else circle.
+
+Measured on renders of random prompts (tests/test_shapes_detector.py): strict accuracy 1.0 on
+clean renders and under Gaussian blur sigma <= 1.0 px or additive noise sigma <= 20 (0..255);
+about 0.99 under blur 1.0 + noise 10; errors start with 7-px triangles under heavy blur.
 
 Scoring a prompt with clauses (n_i, c_i, s_i) against the detected multiset D of (colour, shape)
 (including off-palette objects), GenEval style, per clause i:
@@ -41,13 +49,14 @@ objects). ``extra`` = |D - P|, ``missing`` = |P - D|.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from functools import lru_cache
 
 import cv2
 import numpy as np
 
-from models.shapes_world import BACKGROUND, COLORS, parse_prompt
+from models.shapes_world import BACKGROUND, COLORS, Clause, parse_prompt
 
 OFF_PALETTE = "other"
 """Colour name of detected objects whose pixels match no palette colour."""
@@ -63,15 +72,12 @@ HUE_TOL = 14
 """Maximum hue distance (OpenCV units, 0..180 circular; 14 = 28 degrees) to a palette hue."""
 MIN_AREA = 12
 """Components smaller than this many pixels are ignored (the smallest rendered object has 31)."""
-SQUARE_CORNER_FILL = 0.5
-"""A non-triangle is a square if the mean ink strength of the 16 pixels in the four 2x2 corner
-windows of its bounding box reaches this (square: 1, rendered circle: <= 0.25)."""
-TRIM_FRACTION = 0.3
-"""Before the corner test, bounding-box edge rows/columns holding fewer than this fraction of the
-fullest row's/column's pixels are trimmed (rendered circles' edge rows hold >= 0.4)."""
+SQUARE_CROSS = 0.84
+"""A non-triangle is a square if its normalised cross moment reaches this (square: 1, disc: 0.67;
+rendered circles 0.55-0.70)."""
 TRIANGLE_SKEW = -0.2
 """A component whose vertical pixel distribution has skewness <= this is a triangle (upright
-triangle: about -0.57; circle and square: 0)."""
+triangles: -0.50 to -0.55; circles and squares: 0)."""
 
 _COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
 _NUM_CLASSES = len(_COLOR_NAMES) + 2  # 0 background, 1..K palette, K+1 off-palette
@@ -88,8 +94,7 @@ def _hue_lut() -> np.ndarray:
     """hue (0..255, OpenCV uses 0..179) -> class index (palette 1..K or off-palette)."""
     hues = _palette_hues()
     h = np.arange(256, dtype=np.int32)[:, None]
-    d = np.abs(h - hues[None, :])
-    d = np.minimum(d, 180 - d)
+    d = np.abs((h - hues[None, :] + 90) % 180 - 90)  # circular distance, period 180
     best = d.argmin(axis=1)
     lut = np.where(d[np.arange(256), best] <= HUE_TOL, best + 1, _OFF).astype(np.uint8)
     return lut
@@ -99,7 +104,7 @@ def _chroma_thresholds() -> np.ndarray:
     """class index -> minimum chroma (index 0 unused, off-palette uses CHROMA_MIN)."""
     bg = max(BACKGROUND) - min(BACKGROUND)
     thr = [0] + [
-        int(round(bg + CHROMA_FRACTION * (max(COLORS[c]) - min(COLORS[c]) - bg))) for c in _COLOR_NAMES
+        round(bg + CHROMA_FRACTION * (max(COLORS[c]) - min(COLORS[c]) - bg)) for c in _COLOR_NAMES
     ] + [CHROMA_MIN]
     return np.array(thr, dtype=np.uint8)
 
@@ -135,7 +140,7 @@ def _classify(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     classes = np.where(
         inked,
         hue_class,
-        np.where((value >= VALUE_MIN_BG) | (chroma >= CHROMA_MIN), np.uint8(0), np.uint8(_OFF)),
+        np.where(value >= VALUE_MIN_BG, np.uint8(0), np.uint8(_OFF)),
     ).astype(np.uint8)
     strength = np.clip((chroma.astype(np.float32) - _BG_CHROMA) * _INV_SPAN[hue_class], 0.0, 1.0)
     shape = (*lead, h, w)
@@ -157,80 +162,158 @@ class DetectedObject:
     area: int
 
 
-def _corner_fill(component: np.ndarray) -> float:
-    """Mean of the four 2x2 corner windows of a component's bounding-box crop (ink strength in
-    [0, 1], or a bool mask): 1 for a square, <= 0.25 for a rendered circle."""
-    if component.shape[0] < 4 or component.shape[1] < 4:
-        return float(component.mean())
-    c = component
-    return (c[:2, :2].sum() + c[:2, -2:].sum() + c[-2:, :2].sum() + c[-2:, -2:].sum()) / 16.0
+_SHAPE_NAMES = ("circle", "square", "triangle")
+_DILATE_KERNEL = np.ones((3, 3), np.uint8)
+_CHUNK = 256
+"""Images per connected-components call in ``detect_batch`` (bounds temporary memory)."""
 
 
-def _trim(counts: np.ndarray) -> slice:
-    """Slice dropping leading/trailing rows (or columns) whose pixel count is below
-    ``TRIM_FRACTION`` of the largest (stray pixels glued to an object's edge)."""
-    keep = np.flatnonzero(counts >= TRIM_FRACTION * counts.max())
-    return slice(int(keep[0]), int(keep[-1]) + 1)
+def _tile(maps: np.ndarray, ncols: int, dtype) -> np.ndarray:
+    """[B, H, W] per-image maps -> [B*(H+1), ncols*(W+1)] with every image repeated in each tile
+    column and a zero gutter row/column after each tile (so 8-connected components never cross)."""
+    b, h, w = maps.shape
+    out = np.zeros((b, h + 1, ncols, w + 1), dtype=dtype)
+    out[:, :h, :, :w] = maps[:, :, None, :]
+    return out.reshape(b * (h + 1), ncols * (w + 1))
 
 
-def _core_crop(labels, hue_class, strength, k, j, x, y, w, h) -> np.ndarray:
-    """Ink strength (bool mask for off-palette objects) over component j's trimmed bounding box."""
-    comp = labels[y:y + h, x:x + w] == j
-    rs, cs = _trim(comp.sum(axis=1)), _trim(comp.sum(axis=0))
-    if k == _OFF:
-        return comp[rs, cs]
-    return np.where(hue_class[y:y + h, x:x + w][rs, cs] == k, strength[y:y + h, x:x + w][rs, cs], 0.0)
+def _analyse(
+    labels: np.ndarray, stats: np.ndarray, cents: np.ndarray, keep: np.ndarray, comp_class: np.ndarray,
+    hue_big: np.ndarray, strength_big: np.ndarray, th: int, tw: int,
+) -> list[tuple[int, DetectedObject]]:
+    """Shapes of the kept components of a tiled label image -> [(tile row, object)]."""
+    n = len(stats)
+    ncols = labels.shape[1]
+    areas = stats[:, cv2.CC_STAT_AREA]
+    # Central moments of every component at once, over labelled pixels only.
+    flat = labels.ravel()
+    fg = np.flatnonzero(flat)
+    lab = flat[fg]
+    dy = (fg // ncols).astype(np.float64) - cents[lab, 1]
+    dx = (fg % ncols).astype(np.float64) - cents[lab, 0]
+    dy2, dx2 = dy * dy, dx * dx
+    area = areas[keep].astype(np.float64)
+    var_y = np.bincount(lab, weights=dy2, minlength=n)[keep] / area
+    var_x = np.bincount(lab, weights=dx2, minlength=n)[keep] / area
+    m3 = np.bincount(lab, weights=dy2 * dy, minlength=n)[keep] / area
+    m22 = np.bincount(lab, weights=dx2 * dy2, minlength=n)[keep] / area
+    with np.errstate(divide="ignore", invalid="ignore"):
+        skew = np.where(var_y > 0, m3 / np.maximum(var_y, 1e-12) ** 1.5, 0.0)
+        hard = np.where((var_x > 0) & (var_y > 0), m22 / np.maximum(var_x * var_y, 1e-12), 1.0)
+    # Ink-strength-weighted cross moment: a component owns its own pixels plus the unlabelled
+    # pixels 8-adjacent to it (where a blurred square keeps its corners), each weighted by its ink
+    # strength if its hue is the component's colour.
+    near = cv2.dilate(labels.astype(np.float32), _DILATE_KERNEL)
+    owner = np.where(labels > 0, labels, near.astype(np.int32)).ravel()
+    sel = np.flatnonzero(owner)
+    own = owner[sel]
+    sw = np.where(hue_big.ravel()[sel] == comp_class[own], strength_big.ravel()[sel], 0.0).astype(np.float64)
+    ry = (sel // ncols).astype(np.float64) - cents[own, 1]  # local coordinates, small numbers
+    rx = (sel % ncols).astype(np.float64) - cents[own, 0]
+    s0 = np.bincount(own, weights=sw, minlength=n)
+    safe0 = np.where(s0 > 0, s0, 1.0)
+    ry -= (np.bincount(own, weights=sw * ry, minlength=n) / safe0)[own]
+    rx -= (np.bincount(own, weights=sw * rx, minlength=n) / safe0)[own]
+    ry *= ry
+    rx *= rx
+    s_y2 = np.bincount(own, weights=sw * ry, minlength=n)[keep]
+    s_x2 = np.bincount(own, weights=sw * rx, minlength=n)[keep]
+    s_22 = np.bincount(own, weights=sw * rx * ry, minlength=n)[keep]
+    s0 = s0[keep]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        soft = np.where((s_y2 > 0) & (s_x2 > 0), s_22 * s0 / np.maximum(s_y2 * s_x2, 1e-12), 1.0)
+    cls = comp_class[keep]
+    cross = np.where(cls == _OFF, hard, (hard + soft) / 2.0)
+    shape_of = np.where(skew <= TRIANGLE_SKEW, 2, np.where(cross >= SQUARE_CROSS, 1, 0))
+    tile_row = stats[keep, cv2.CC_STAT_TOP] // th
+    # Centroids in image coordinates from exact integer sums, so they do not depend on the batch.
+    cx = np.bincount(lab, weights=(fg % ncols) % tw, minlength=n)[keep] / area
+    cy = np.bincount(lab, weights=(fg // ncols) % th, minlength=n)[keep] / area
+    return [
+        (int(tile_row[i]), DetectedObject(
+            _SHAPE_NAMES[shape_of[i]], _CLASS_NAMES[cls[i]], float(cx[i]), float(cy[i]), int(areas[j])))
+        for i, j in enumerate(keep.tolist())
+    ]
 
 
-_ROWS: dict[tuple[int, int], np.ndarray] = {}
+def _detect_chunk(images: np.ndarray, exact: bool = False) -> list[list[DetectedObject]]:
+    """Detect objects in uint8 [B, H, W, 3] images with (usually) one connected-components call.
+
+    Fast path: the inked pixels of all images, stacked with a zero gutter, are labelled at once;
+    a kept component whose pixels span several colour classes (objects of different colours
+    touching) sends its image to the exact path, which labels each class separately (one tile
+    column per class). ``exact=True`` sends every image there (for tests)."""
+    classes, hue_class, strength = _classify(images)
+    b, height, width = classes.shape
+    th, tw = height + 1, width + 1
+    out: list[list[DetectedObject]] = [[] for _ in range(b)]
+
+    if exact:
+        redo = np.arange(b)
+    else:
+        redo = _fast_path(classes, hue_class, strength, out)
+    if redo.size:  # exact path: one tile column per class 1..K+1
+        nk = _NUM_CLASSES - 1
+        sub = classes[redo]
+        cls_big = _tile(sub, nk, np.uint8)
+        col_class = np.repeat(np.arange(1, nk + 1, dtype=np.uint8), tw)[None, :]
+        mask = (cls_big == col_class) & (cls_big > 0)
+        n, labels, stats, cents = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=8)
+        keep = np.flatnonzero(stats[:, cv2.CC_STAT_AREA] >= MIN_AREA)
+        keep = keep[keep > 0]
+        if keep.size:
+            comp_class = np.zeros(n, dtype=np.uint8)
+            comp_class[1:] = stats[1:, cv2.CC_STAT_LEFT] // tw + 1
+            for row, obj in _analyse(labels, stats, cents, keep, comp_class, _tile(hue_class[redo], nk, np.uint8),
+                                     _tile(strength[redo], nk, np.float32), th, tw):
+                out[int(redo[row])].append(obj)
+    for objs in out:  # deterministic order, independent of the batch and the labelling
+        objs.sort(key=lambda o: (o.cy, o.cx, o.color, o.shape, o.area))
+    return out
 
 
-def _row_index(h: int, w: int) -> np.ndarray:
-    r = _ROWS.get((h, w))
-    if r is None:
-        r = _ROWS[(h, w)] = np.repeat(np.arange(h, dtype=np.float64), w)
-    return r
+def _fast_path(
+    classes: np.ndarray, hue_class: np.ndarray, strength: np.ndarray, out: list[list[DetectedObject]]
+) -> np.ndarray:
+    """Label all inked pixels at once; append objects of images whose kept components are each of
+    one colour class to ``out``; return the indices of the other images."""
+    th, tw = classes.shape[1] + 1, classes.shape[2] + 1
+    cls_big = _tile(classes, 1, np.uint8)
+    n, labels, stats, cents = cv2.connectedComponentsWithStats((cls_big > 0).view(np.uint8), connectivity=8)
+    hist = np.bincount(labels.ravel() * _NUM_CLASSES + cls_big.ravel(), minlength=n * _NUM_CLASSES)
+    hist = hist.reshape(n, _NUM_CLASSES)
+    keep = np.flatnonzero(stats[:, cv2.CC_STAT_AREA] >= MIN_AREA)
+    keep = keep[keep > 0]
+    impure = (hist[keep] > 0).sum(axis=1) > 1
+    redo = np.unique(stats[keep[impure], cv2.CC_STAT_TOP] // th)
+    if redo.size:
+        keep = keep[~np.isin(stats[keep, cv2.CC_STAT_TOP] // th, redo)]
+    if keep.size:
+        comp_class = hist.argmax(axis=1).astype(np.uint8)
+        for img, obj in _analyse(labels, stats, cents, keep, comp_class, _tile(hue_class, 1, np.uint8),
+                                 _tile(strength, 1, np.float32), th, tw):
+            out[img].append(obj)
+    return redo
 
 
-def _detect_classes(classes: np.ndarray, hue_class: np.ndarray, strength: np.ndarray) -> list[DetectedObject]:
-    out: list[DetectedObject] = []
-    present = np.bincount(classes.ravel(), minlength=_NUM_CLASSES)
-    rows = _row_index(*classes.shape)
-    for k in range(1, _NUM_CLASSES):
-        if present[k] < MIN_AREA:
-            continue
-        mask = (classes == k).view(np.uint8)
-        n, labels, stats, cents = cv2.connectedComponentsWithStats(mask, connectivity=8)
-        areas = stats[:, cv2.CC_STAT_AREA]
-        keep = [j for j in range(1, n) if areas[j] >= MIN_AREA]
-        if not keep:
-            continue
-        # Vertical skewness of each component's pixel rows (third standardised central moment).
-        lab = labels.ravel()
-        dy = rows - cents[lab, 1]
-        dy2 = dy * dy
-        m2 = np.bincount(lab, weights=dy2, minlength=n)
-        m3 = np.bincount(lab, weights=dy2 * dy, minlength=n)
-        for j in keep:
-            x, y, w, h, area = (int(v) for v in stats[j])
-            var = m2[j] / area
-            skew = (m3[j] / area) / (var ** 1.5) if var > 0 else 0.0
-            if skew <= TRIANGLE_SKEW:
-                shape = "triangle"
-            elif _corner_fill(_core_crop(labels, hue_class, strength, k, j, x, y, w, h)) >= SQUARE_CORNER_FILL:
-                shape = "square"
-            else:
-                shape = "circle"
-            out.append(DetectedObject(shape, _CLASS_NAMES[k], float(cents[j, 0]), float(cents[j, 1]), area))
+def detect_batch(images: np.ndarray) -> list[list[DetectedObject]]:
+    """Objects in each of uint8 [B, H, W, 3] RGB images (each list as ``detect`` returns it)."""
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"expected uint8 [B, H, W, 3] RGB images, got shape {images.shape}")
+    out: list[list[DetectedObject]] = []
+    for start in range(0, len(images), _CHUNK):
+        out.extend(_detect_chunk(images[start:start + _CHUNK]))
     return out
 
 
 def detect(image: np.ndarray) -> list[DetectedObject]:
-    """Objects in one uint8 [H, W, 3] RGB image (any size; the shapes world uses 32x32)."""
+    """Objects in one uint8 [H, W, 3] RGB image (any size; the shapes world uses 32x32), sorted by
+    centroid (row-major). (cx, cy) is the mean pixel index (column, row) of the component."""
     image = np.asarray(image)
     if image.ndim != 3:
         raise ValueError(f"expected one uint8 [H, W, 3] RGB image, got shape {image.shape}")
-    return _detect_classes(*_classify(image))
+    return _detect_chunk(image[None])[0]
 
 
 @dataclass(frozen=True)
@@ -258,12 +341,18 @@ class ShapesScore:
         return {k: float(v) for k, v in asdict(self).items()}
 
 
-def score_objects(objects: Sequence[DetectedObject], prompt: str) -> ShapesScore:
-    """Score already-detected objects against ``prompt`` (definitions in the module docstring)."""
-    clauses = parse_prompt(prompt)
-    want = Counter({(c.color, c.shape): c.count for c in clauses})
-    got = Counter((o.color, o.shape) for o in objects)
-    n_by_shape = Counter(o.shape for o in objects)
+@dataclass(frozen=True)
+class _PromptSpec:
+    clauses: tuple[Clause, ...]
+    want: Counter
+    colors_for_shape: dict[str, frozenset[str]]
+    shapes_for_color: dict[str, frozenset[str]]
+    want_by_shape: Counter
+
+
+@lru_cache(maxsize=4096)
+def _spec(prompt: str) -> _PromptSpec:
+    clauses = tuple(parse_prompt(prompt))
     colors_for_shape: dict[str, set[str]] = {}
     shapes_for_color: dict[str, set[str]] = {}
     want_by_shape: Counter = Counter()
@@ -271,24 +360,35 @@ def score_objects(objects: Sequence[DetectedObject], prompt: str) -> ShapesScore
         colors_for_shape.setdefault(c.shape, set()).add(c.color)
         shapes_for_color.setdefault(c.color, set()).add(c.shape)
         want_by_shape[c.shape] += c.count
+    return _PromptSpec(
+        clauses,
+        Counter({(c.color, c.shape): c.count for c in clauses}),
+        {k: frozenset(v) for k, v in colors_for_shape.items()},
+        {k: frozenset(v) for k, v in shapes_for_color.items()},
+        want_by_shape,
+    )
+
+
+def score_objects(objects: Sequence[DetectedObject], prompt: str) -> ShapesScore:
+    """Score already-detected objects against ``prompt`` (definitions in the module docstring).
+    Raises ValueError if the prompt is outside the shapes-world grammar."""
+    spec = _spec(prompt)
+    want = spec.want
+    got = Counter((o.color, o.shape) for o in objects)
+    n_by_shape = Counter(o.shape for o in objects)
     count_ok = color_ok = shape_ok = 0
-    for c in clauses:
+    for c in spec.clauses:
         present = got[(c.color, c.shape)] > 0
-        count_ok += n_by_shape[c.shape] == want_by_shape[c.shape]
-        color_ok += present and all(
-            col in colors_for_shape[c.shape] for (col, sh) in got if sh == c.shape
-        )
-        shape_ok += present and all(
-            sh in shapes_for_color[c.color] for (col, sh) in got if col == c.color
-        )
-    k = float(len(clauses))
+        count_ok += n_by_shape[c.shape] == spec.want_by_shape[c.shape]
+        color_ok += present and all(col in spec.colors_for_shape[c.shape] for (col, sh) in got if sh == c.shape)
+        shape_ok += present and all(sh in spec.shapes_for_color[c.color] for (col, sh) in got if col == c.color)
+    k = float(len(spec.clauses))
     inter = sum((got & want).values())
     union = sum((got | want).values())
     jaccard = inter / union if union else 0.0
-    strict = float(got == want)
     count, color, shape = count_ok / k, color_ok / k, shape_ok / k
     return ShapesScore(
-        strict=strict,
+        strict=float(got == want),
         count=count,
         color=color,
         shape=shape,
@@ -313,7 +413,4 @@ def score_batch(images: np.ndarray, prompts: Sequence[str]) -> list[ShapesScore]
         raise ValueError(f"expected uint8 [B, H, W, 3] RGB images, got shape {images.shape}")
     if len(images) != len(prompts):
         raise ValueError(f"score_batch: {len(images)} images but {len(prompts)} prompts")
-    classes, hue_class, strength = _classify(images)
-    return [
-        score_objects(_detect_classes(classes[i], hue_class[i], strength[i]), p) for i, p in enumerate(prompts)
-    ]
+    return [score_objects(objs, p) for objs, p in zip(detect_batch(images), prompts)]

@@ -1,0 +1,194 @@
+"""Configuration of the learner (the ``learner:`` section of a recipe).
+
+Plain dataclasses with a docstring under every field. ``validate()`` raises a plain
+``ValueError("field: expected ...")`` (``learner`` does not import ``diffrl``; the config loader turns
+it into a ConfigError with the dotted path prefixed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from learner.algorithms.crd import CRDConfig
+from learner.algorithms.nft import NFTConfig
+
+ALGORITHMS = ("crd", "nft")
+"""Algorithms the learner can run (GRPO needs per-step log-probabilities from an SDE sampler and is
+not wired into the learner yet)."""
+
+DTYPES = ("auto", "float32", "bfloat16")
+DEVICES_HINT = "auto|cpu|cuda[:N]"
+
+# Attention projections of the SD3 joint-attention blocks (image stream and text stream).
+SD3_ATTENTION_TARGETS = [
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+]
+
+
+def _require(condition: bool, name: str, expected: str, got: object = None) -> None:
+    if not condition:
+        raise ValueError(f"{name}: expected {expected}, got {got!r}")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (peft) on the denoiser's attention projections; the base weights stay frozen."""
+
+    enabled: bool = False
+    """Train LoRA adapters instead of every weight of the denoiser (full fine-tune when off)."""
+    rank: int = 32
+    """LoRA rank r."""
+    alpha: float = 64.0
+    """LoRA alpha; the adapter's output is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapter input during training (0 keeps θ deterministic, which CRD assumes)."""
+    target_modules: list[str] = field(default_factory=lambda: list(SD3_ATTENTION_TARGETS))
+    """Module-name suffixes that get adapters (peft ``target_modules``); the default is every attention
+    projection of the SD3 joint blocks (q, k, v, out of the image and the text stream)."""
+
+    def validate(self) -> None:
+        _require(self.rank >= 1, "rank", "an int >= 1", self.rank)
+        _require(self.alpha > 0, "alpha", "a float > 0", self.alpha)
+        _require(0.0 <= self.dropout < 1.0, "dropout", "a float in [0, 1)", self.dropout)
+        _require(len(self.target_modules) > 0 and all(isinstance(t, str) and t for t in self.target_modules),
+                 "target_modules", "a non-empty list of module-name suffixes", self.target_modules)
+
+
+@dataclass
+class LearnerConfig:
+    """The learner: algorithm, batch, optimizer, DeepSpeed, snapshots, staleness, checkpoints."""
+
+    algorithm: str = "crd"
+    """Training algorithm: 'crd' (Centered Reward Distillation) or 'nft' (DiffusionNFT-style baseline)."""
+    crd: CRDConfig = field(default_factory=CRDConfig)
+    """CRD hyperparameters (used when algorithm = 'crd')."""
+    nft: NFTConfig = field(default_factory=NFTConfig)
+    """DiffusionNFT hyperparameters (used when algorithm = 'nft')."""
+    groups_per_step: int = 8
+    """G: prompt groups per optimizer step, over all ranks (each rank trains groups_per_step /
+    world_size of them)."""
+    micro_groups: int = 0
+    """Groups per forward/backward pass on one rank (memory bound); a rank's groups are split into
+    ceil(groups_per_rank / micro_groups) near-equal chunks. 0 = all of a rank's groups in one pass."""
+    reward_weights: dict[str, float] = field(default_factory=dict)
+    """The trained reward of a sample: sum of weight x reward over these reward names (a group whose
+    samples lack one is dropped as invalid). Empty: the sum of every reward a sample carries."""
+    lr: float = 3e-4
+    """AdamW learning rate."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW (beta1, beta2)."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: Optional[float] = None
+    """Gradient-norm clip before each optimizer step; None = the algorithm's own (crd.max_grad_norm,
+    1.0 for nft); 0 = no clipping."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3 (2 or 3, or LoRA, for large models on many GPUs)."""
+    world_size: int = 1
+    """Learner ranks (one per GPU); the process group must have exactly this many."""
+    device: str = "auto"
+    """Torch device of the learner: auto (cuda:LOCAL_RANK if CUDA is available, else cpu), cpu, cuda[:N]."""
+    dtype: str = "auto"
+    """Compute dtype of θ: auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16 (DeepSpeed bf16
+    with fp32 master weights). The model must be loaded in this dtype. p_old/p_samp are kept in fp32
+    (so their slow EMAs do not round away) and run under autocast."""
+    dist_backend: str = "auto"
+    """torch.distributed backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters instead of a full fine-tune."""
+    gradient_checkpointing: bool = False
+    """Recompute θ's activations in the backward pass (diffusers gradient checkpointing)."""
+    max_staleness: int = 4
+    """Groups sampled with a p_samp version more than this many versions older than the current one
+    are dropped (counted, acknowledged)."""
+    checkpoint_every: int = 10
+    """Write a checkpoint every this many optimizer steps (and at the end of ``run``); stream entries
+    are acknowledged only once a checkpoint covers them. 0 = never (entries acknowledged after each
+    step)."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept in RUN_DIR/checkpoints (older ones deleted); 0 = keep all."""
+    max_steps: int = 0
+    """Optimizer steps after which ``run`` returns; 0 = run until stopped."""
+    read_block_ms: int = 1000
+    """How long one read of the experience stream waits for new groups (milliseconds)."""
+    consumer_name_prefix: str = "learner"
+    """Each rank reads as consumer '<prefix>-<rank>' of the stream's consumer group (a stable name, so
+    a restarted rank gets its unacknowledged entries back)."""
+    dedup_window: int = 100_000
+    """Most recent trained group ids kept (and checkpointed) to skip re-delivered or re-published
+    groups."""
+    torch_threads: int = 0
+    """torch.set_num_threads for the learner process; 0 = leave torch's default."""
+    seed: int = 0
+    """Seed of the noise levels and the forward-process noise (per step and rank) and of LoRA init."""
+
+    def validate(self) -> None:
+        _require(self.algorithm in ALGORITHMS, "algorithm", f"one of {ALGORITHMS}", self.algorithm)
+        for name in ("crd", "nft", "lora"):
+            try:
+                getattr(self, name).validate()
+            except ValueError as err:
+                raise ValueError(f"{name}.{err}") from None
+        _require(self.world_size >= 1, "world_size", "an int >= 1", self.world_size)
+        _require(self.groups_per_step >= 1 and self.groups_per_step % self.world_size == 0,
+                 "groups_per_step", f"a positive multiple of world_size={self.world_size}",
+                 self.groups_per_step)
+        _require(self.micro_groups >= 0, "micro_groups", "an int >= 0", self.micro_groups)
+        for key, w in self.reward_weights.items():
+            _require(bool(key), "reward_weights", "non-empty reward names", key)
+            _require(isinstance(w, (int, float)) and w == w and abs(w) != float("inf"),
+                     f"reward_weights.{key}", "a finite float", w)
+        _require(self.lr > 0, "lr", "a float > 0", self.lr)
+        _require(self.weight_decay >= 0, "weight_decay", "a float >= 0", self.weight_decay)
+        _require(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "betas",
+                 "two floats in [0, 1)", self.betas)
+        _require(self.adam_eps > 0, "adam_eps", "a float > 0", self.adam_eps)
+        _require(self.grad_clip is None or self.grad_clip >= 0, "grad_clip", "None or a float >= 0",
+                 self.grad_clip)
+        _require(self.zero_stage in (0, 1, 2, 3), "zero_stage", "0, 1, 2 or 3", self.zero_stage)
+        _require(self.device == "auto" or self.device.startswith(("cpu", "cuda")), "device",
+                 DEVICES_HINT, self.device)
+        _require(self.dtype in DTYPES, "dtype", f"one of {DTYPES}", self.dtype)
+        _require(self.dist_backend in ("auto", "nccl", "gloo"), "dist_backend", "auto|nccl|gloo",
+                 self.dist_backend)
+        _require(self.max_staleness >= 0, "max_staleness", "an int >= 0", self.max_staleness)
+        _require(self.checkpoint_every >= 0, "checkpoint_every", "an int >= 0", self.checkpoint_every)
+        _require(self.keep_checkpoints >= 0, "keep_checkpoints", "an int >= 0", self.keep_checkpoints)
+        _require(self.max_steps >= 0, "max_steps", "an int >= 0", self.max_steps)
+        _require(self.read_block_ms >= 0, "read_block_ms", "an int >= 0", self.read_block_ms)
+        _require(bool(self.consumer_name_prefix), "consumer_name_prefix", "a non-empty name",
+                 self.consumer_name_prefix)
+        _require(self.dedup_window >= 0, "dedup_window", "an int >= 0", self.dedup_window)
+        _require(self.torch_threads >= 0, "torch_threads", "an int >= 0", self.torch_threads)
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def groups_per_rank(self) -> int:
+        return self.groups_per_step // self.world_size
+
+    @property
+    def num_chunks(self) -> int:
+        """Forward/backward passes per noise level on one rank."""
+        if self.micro_groups == 0:
+            return 1
+        return -(-self.groups_per_rank // self.micro_groups)
+
+    @property
+    def num_noise_levels(self) -> int:
+        return self.crd.num_noise_levels if self.algorithm == "crd" else self.nft.num_noise_levels
+
+    @property
+    def effective_grad_clip(self) -> float:
+        if self.grad_clip is not None:
+            return float(self.grad_clip)
+        return float(self.crd.max_grad_norm) if self.algorithm == "crd" else 1.0

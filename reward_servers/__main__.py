@@ -1,0 +1,8 @@
+"""``python -m reward_servers serve NAME ...`` (same as ``diffrl reward serve NAME ...``)."""
+
+import sys
+
+from reward_servers.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""Command line of the reward servers, plugged into ``diffrl`` (``register``) and also runnable as
+``python -m reward_servers``::
+
+    diffrl reward serve shapes --port 8101                      # one process, one reward
+    diffrl reward serve ocr --host 0.0.0.0 --port 8102 --workers 2 --token-file /run/secrets/reward
+    diffrl reward serve onnx scorer.path=model.onnx scorer.mapping=softmax scorer.index=1
+    diffrl reward list
+    diffrl bench reward shapes                                  # figures for docs/benchmarks.md
+
+Server keys (host, port, workers, limits.*, execution.*) and the reward's options (``scorer.*``)
+come from an optional YAML recipe and ``key=value`` overrides; ``--host/--port/--workers`` win.
+The bearer token comes from ``--token-file`` or ``DIFFRL_REWARD_TOKEN``, never from a recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+from diffrl.config import ConfigError, describe, format_help, load_config
+from reward_servers.config import TOKEN_ENV, RewardServerConfig
+
+SERVE_ENV = "DIFFRL_REWARD_SERVE"
+"""Environment variable carrying the resolved serve config (JSON) to uvicorn worker processes."""
+TOKEN_FILE_ENV = "DIFFRL_REWARD_TOKEN_FILE"
+
+
+# ----------------------------------------------------------------------------- config
+def serve_schema(name: str) -> type:
+    """RewardServerConfig plus a ``scorer`` field holding reward ``name``'s options."""
+    from reward_servers.scorers import scorer_class
+
+    opt_cls = scorer_class(name).Options
+    return dataclasses.make_dataclass(
+        f"{name.title().replace('_', '')}ServeConfig",
+        [("scorer", opt_cls, dataclasses.field(default_factory=opt_cls))],
+        bases=(RewardServerConfig,),
+    )
+
+
+def _split_recipe(items: list[str]) -> tuple[str | None, list[str]]:
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def read_token(token_file: str | None) -> str | None:
+    """The bearer token from ``token_file`` or ``$DIFFRL_REWARD_TOKEN`` (None: no auth)."""
+    if token_file:
+        path = Path(token_file)
+        if not path.is_file():
+            raise ConfigError("--token-file", f"expected a readable file, got {token_file!r}")
+        token = path.read_text().strip()
+        if not token:
+            raise ConfigError("--token-file", f"{token_file} is empty")
+        return token
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    return token or None
+
+
+def _options_help() -> str:
+    from reward_servers.scorers import scorer_class, scorer_names
+
+    lines = ["", "reward options (scorer.KEY=VALUE):"]
+    for name in scorer_names():
+        try:
+            cls = scorer_class(name)
+        except Exception as err:  # noqa: BLE001 - help must not fail on an optional dependency
+            lines.append(f"\n[{name}]  (unavailable: {err})")
+            continue
+        rows = describe(cls.Options, "scorer.")
+        lines.append(f"\n[{name}]" + ("" if rows else "  no options"))
+        for key, type_name, default, doc in rows:
+            lines.append(f"  {key} ({type_name}, default {default})")
+            lines.extend("      " + line for line in textwrap.wrap(doc, 90))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- serve
+def build_app_from_env():
+    """uvicorn factory for worker processes (``workers > 1``): config from ``$DIFFRL_REWARD_SERVE``."""
+    from reward_servers.app import create_app
+    from reward_servers.scorers import get_scorer
+
+    spec = json.loads(os.environ[SERVE_ENV])
+    cfg = load_config(serve_schema(spec["name"]), spec["recipe"], spec["overrides"])
+    token = read_token(os.environ.get(TOKEN_FILE_ENV) or None)
+    scorer = get_scorer(spec["name"], cfg.scorer)
+    return create_app(scorer, cfg.limits, token=token, execution=cfg.execution)
+
+
+def serve(name: str, cfg, token: str | None, recipe: str | None = None, overrides: list[str] | None = None,
+          token_file: str | None = None) -> int:
+    """Serve reward ``name`` with the resolved ``cfg`` until SIGINT/SIGTERM. With ``workers > 1`` the
+    worker processes rebuild the config from ``recipe`` and ``overrides``."""
+    import uvicorn
+
+    from reward_servers.app import create_app
+    from reward_servers.scorers import get_scorer
+
+    if cfg.workers == 1:
+        scorer = get_scorer(name, cfg.scorer)
+        app = create_app(scorer, cfg.limits, token=token, execution=cfg.execution)
+        sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((cfg.host, cfg.port))
+        port = sock.getsockname()[1]
+        config = uvicorn.Config(app, log_level=cfg.log_level, access_log=False, lifespan="on",
+                                timeout_graceful_shutdown=5)
+        server = uvicorn.Server(config)
+        print(f"diffrl reward server {name!r} (version {scorer.version}) on http://{cfg.host}:{port}"
+              f"{' (bearer token required)' if token else ''}", flush=True)
+        server.run(sockets=[sock])
+        return 0
+    # Several worker processes: uvicorn's supervisor spawns them; each builds its app from the env.
+    mp_dir = tempfile.mkdtemp(prefix="diffrl-reward-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp_dir
+    os.environ[SERVE_ENV] = json.dumps({"name": name, "recipe": str(Path(recipe).resolve()) if recipe else None,
+                                        "overrides": list(overrides or [])})
+    if token_file:
+        os.environ[TOKEN_FILE_ENV] = str(Path(token_file).resolve())
+    elif token:
+        os.environ[TOKEN_ENV] = token
+    print(f"diffrl reward server {name!r} with {cfg.workers} workers on http://{cfg.host}:{cfg.port}"
+          f"{' (bearer token required)' if token else ''}", flush=True)
+    try:
+        uvicorn.run("reward_servers.cli:build_app_from_env", factory=True, host=cfg.host, port=cfg.port,
+                    workers=cfg.workers, log_level=cfg.log_level, access_log=False, timeout_graceful_shutdown=5)
+    finally:
+        shutil.rmtree(mp_dir, ignore_errors=True)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    extra = []
+    if args.host is not None:
+        extra.append(f"host={args.host}")
+    if args.port is not None:
+        extra.append(f"port={args.port}")
+    if args.workers is not None:
+        extra.append(f"workers={args.workers}")
+    recipe, overrides = _split_recipe(list(args.config))
+    cfg = load_config(serve_schema(args.name), recipe, [*overrides, *extra])
+    token = read_token(args.token_file)
+    return serve(args.name, cfg, token, recipe=recipe, overrides=[*overrides, *extra], token_file=args.token_file)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from reward_servers.scorers import scorer_class, scorer_names
+
+    for name in scorer_names():
+        doc = (sys.modules[scorer_class(name).__module__].__doc__ or "").strip().splitlines()[0]
+        print(f"{name:<16} {doc}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from reward_servers.bench import RewardBenchConfig, bench_reward, format_report
+
+    recipe, overrides = _split_recipe(list(args.config))
+    cfg = load_config(RewardBenchConfig, recipe, [f"name={args.name}", *overrides])
+    result = bench_reward(cfg)
+    print(json.dumps(result, indent=2))
+    print(format_report(result))
+    return 0
+
+
+# ----------------------------------------------------------------------------- parsers
+class _IntermixedParser(argparse.ArgumentParser):
+    """Lets options and ``key=value`` overrides come in any order after NAME
+    (``serve ocr --port 8102 scorer.psm=6``): parses with ``parse_known_intermixed_args``."""
+
+    _busy = False
+    _lazy_epilog = None  # a callable adding text to --help only when help is shown (imports scorers)
+
+    def format_help(self) -> str:
+        text = super().format_help()
+        return text + "\n" + self._lazy_epilog() + "\n" if self._lazy_epilog else text
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._busy:
+            return super().parse_known_args(args, namespace)
+        self._busy = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._busy = False
+
+
+def _intermixed(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.__class__ = _IntermixedParser
+    return parser
+
+
+def _reward_names() -> list[str]:
+    from reward_servers.scorers import scorer_names
+
+    return scorer_names()
+
+
+def add_serve_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("serve", help="serve one reward over HTTP (protobuf and JSON)",
+                       description="Run one reward server process: POST /v1/score, GET /v1/info, /healthz, "
+                                   "/metrics. See docs/reward_servers.md.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", choices=_reward_names(), metavar="NAME", help=f"reward: {', '.join(_reward_names())}")
+    p.add_argument("--host", help="interface (default 127.0.0.1; host=...)")
+    p.add_argument("--port", type=int, help="TCP port (default 8100; 0 = any free port, printed)")
+    p.add_argument("--workers", type=int, help="server processes sharing the port (default 1)")
+    p.add_argument("--token-file", help=f"file holding a bearer token to require (else ${TOKEN_ENV} if set)")
+    p.add_argument("config", nargs="*", metavar="[RECIPE] [key=value ...]",
+                   help="optional YAML recipe, then dotted overrides (limits.*, execution.*, scorer.*)")
+    p.epilog = "server keys:\n" + format_help(RewardServerConfig)
+    p.set_defaults(func=cmd_serve)
+    _intermixed(p)._lazy_epilog = _options_help
+    return p
+
+
+def add_list_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("list", help="list the rewards that can be served")
+    p.set_defaults(func=cmd_list)
+    return p
+
+
+def add_bench_parser(sub, name: str = "reward") -> argparse.ArgumentParser:
+    from reward_servers.bench import RewardBenchConfig
+
+    p = sub.add_parser(name, help="reward server images/s: HTTP+protobuf and JSON vs in-process",
+                       description="Start a reward server, score batches over HTTP (protobuf, then JSON) and "
+                                   "compare images/s with calling the scorer in-process on the same cores.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", choices=_reward_names(), metavar="NAME")
+    p.add_argument("config", nargs="*", metavar="[RECIPE] [key=value ...]")
+    p.epilog = "config keys:\n" + format_help(RewardBenchConfig)
+    p.set_defaults(func=cmd_bench)
+    return _intermixed(p)
+
+
+def register(subparsers, bench_subparsers) -> None:
+    """Add ``diffrl reward {serve,list}`` and ``diffrl bench reward`` to the diffrl CLI."""
+    p = subparsers.add_parser("reward", help="reward servers: serve one reward over HTTP, list rewards",
+                              description="Reward servers (docs/reward_servers.md).")
+    sub = p.add_subparsers(dest="reward_command", required=True, metavar="WHAT")
+    add_serve_parser(sub)
+    add_list_parser(sub)
+    add_bench_parser(bench_subparsers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m reward_servers {serve,list,bench} ...``"""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    parser = argparse.ArgumentParser(prog="python -m reward_servers", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_serve_parser(sub)
+    add_list_parser(sub)
+    add_bench_parser(sub, "bench")
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:
+        print(f"diffrl: bad config: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
