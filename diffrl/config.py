@@ -80,18 +80,32 @@ def _omegaconf_error(err: OmegaConfBaseException) -> ConfigError:
 def load_config(schema: type[T], recipe: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Build a validated ``schema`` instance from defaults, a YAML recipe and ``key.sub=value``
     overrides (later wins). Raises :class:`ConfigError` naming the dotted field on any problem."""
+    loaded = None
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError("", f"recipe not found: {path}")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as err:  # noqa: BLE001 - YAML syntax errors of any kind
+            raise ConfigError("", f"recipe {path} is not valid YAML: {err}") from None
+    return _build(schema, loaded, overrides, where=str(recipe))
+
+
+def load_config_text(schema: type[T], text: str) -> T:
+    """A validated ``schema`` instance from YAML text (how configs cross process boundaries)."""
+    return _build(schema, OmegaConf.create(text), (), where="config text")
+
+
+def _build(schema: type[T], loaded: Any, overrides: Sequence[str], where: str) -> T:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(item, "overrides are written key.sub=value")
     try:
         merged = OmegaConf.structured(schema)
-        if recipe is not None:
-            path = Path(recipe)
-            if not path.is_file():
-                raise ConfigError("", f"recipe not found: {path}")
-            loaded = OmegaConf.load(path)
-            if loaded is not None and not OmegaConf.is_dict(loaded):
-                raise ConfigError("", f"recipe {path} must be a YAML mapping")
+        if loaded is not None:
+            if not OmegaConf.is_dict(loaded):
+                raise ConfigError("", f"{where} must be a YAML mapping")
             merged = OmegaConf.merge(merged, loaded)
         if overrides:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))

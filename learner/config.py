@@ -7,8 +7,8 @@ it into a ConfigError with the dotted path prefixed).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 from learner.algorithms.crd import CRDConfig
 from learner.algorithms.nft import NFTConfig
@@ -89,7 +89,7 @@ class LearnerConfig:
     """AdamW (beta1, beta2)."""
     adam_eps: float = 1e-8
     """AdamW epsilon."""
-    grad_clip: Optional[float] = None
+    grad_clip: float | None = None
     """Gradient-norm clip before each optimizer step; None = the algorithm's own (crd.max_grad_norm,
     1.0 for nft); 0 = no clipping."""
     zero_stage: int = 0
@@ -146,7 +146,7 @@ class LearnerConfig:
         _require(self.micro_groups >= 0, "micro_groups", "an int >= 0", self.micro_groups)
         for key, w in self.reward_weights.items():
             _require(bool(key), "reward_weights", "non-empty reward names", key)
-            _require(isinstance(w, (int, float)) and w == w and abs(w) != float("inf"),
+            _require(isinstance(w, (int, float)) and math.isfinite(w),
                      f"reward_weights.{key}", "a finite float", w)
         _require(self.lr > 0, "lr", "a float > 0", self.lr)
         _require(self.weight_decay >= 0, "weight_decay", "a float >= 0", self.weight_decay)

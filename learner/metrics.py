@@ -10,6 +10,7 @@ failing on duplicate registration.
 from __future__ import annotations
 
 import weakref
+from typing import ClassVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
@@ -73,10 +74,10 @@ STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 3
 class LearnerMetrics:
     """The learner's metric objects, registered in ``registry``."""
 
-    _by_registry: "weakref.WeakKeyDictionary[CollectorRegistry, LearnerMetrics]" = weakref.WeakKeyDictionary()
+    _by_registry: ClassVar[weakref.WeakKeyDictionary] = weakref.WeakKeyDictionary()
 
     @classmethod
-    def for_registry(cls, registry: CollectorRegistry | None = None) -> "LearnerMetrics":
+    def for_registry(cls, registry: CollectorRegistry | None = None) -> LearnerMetrics:
         registry = REGISTRY if registry is None else registry
         found = cls._by_registry.get(registry)
         if found is None:

@@ -18,6 +18,7 @@ and noise; detector = 360x140 drawings of 0-3 cartoon faces; onnx = 64x64 render
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import platform
 import signal
@@ -51,8 +52,11 @@ class RewardBenchConfig:
     """Reward to benchmark (shapes, ocr, compressibility, detector, onnx)."""
     batch_size: int = 32
     """Images per request / per in-process scorer call."""
-    batches: int = 24
-    """Timed batches per run and mode."""
+    batches: int = 8
+    """Fewest timed batches per run and mode."""
+    min_seconds: float = 2.0
+    """Each timed run lasts at least about this long (more batches for fast rewards), so CPU-time
+    figures (10 ms clock ticks) are precise."""
     warmup: int = 3
     """Untimed batches before each run."""
     repeats: int = 3
@@ -222,20 +226,33 @@ def _in_process(cfg: RewardBenchConfig, batches, with_decode: bool) -> tuple[flo
             images = [decode_image(p, 1 << 30) for p in pngs]
         scorer.score_batch(images, prompts, meta)
 
+    t0 = time.perf_counter()
     list(pool.map(one, range(cfg.warmup)))
-    c0, t0 = time.process_time(), time.perf_counter()
-    list(pool.map(one, range(cfg.batches)))
-    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    count = _timed_batches(cfg, (time.perf_counter() - t0) / max(cfg.warmup, 1))
+    c0, t0 = _own_cpu_s(), time.perf_counter()
+    list(pool.map(one, range(count)))
+    dt, cpu = time.perf_counter() - t0, _own_cpu_s() - c0
     pool.shutdown()
     scorer.close()
-    n = cfg.batches * cfg.batch_size
+    n = count * cfg.batch_size
     return n / dt, n / cpu
 
 
+def _timed_batches(cfg: RewardBenchConfig, seconds_per_batch: float) -> int:
+    return int(min(20_000, max(cfg.batches, math.ceil(cfg.min_seconds / max(seconds_per_batch, 1e-6)))))
+
+
 def _proc_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (all its threads)."""
+    """User + system CPU seconds of process ``pid`` (all its threads) and of its finished children
+    (the OCR reward's tesseract processes)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds of this process (precise) and of its finished children (tesseract)."""
+    t = os.times()
+    return time.process_time() + t.children_user + t.children_system
 
 
 async def _http(cfg: RewardBenchConfig, url: str, bodies: list[bytes], ctype: str,
@@ -259,12 +276,14 @@ async def _http(cfg: RewardBenchConfig, url: str, bodies: list[bytes], ctype: st
 
             await asyncio.gather(*(worker() for _ in range(cfg.concurrency)))
 
-        await run(cfg.warmup)
+        t0 = time.perf_counter()
+        await run(max(cfg.warmup, cfg.concurrency))
+        count = _timed_batches(cfg, (time.perf_counter() - t0) / max(cfg.warmup, cfg.concurrency))
         latencies.clear()
         c0, t0 = _proc_cpu_s(server_pid), time.perf_counter()
-        await run(cfg.batches)
+        await run(count)
         dt, cpu = time.perf_counter() - t0, _proc_cpu_s(server_pid) - c0
-    n = cfg.batches * cfg.batch_size
+    n = count * cfg.batch_size
     return n / dt, n / max(cpu, 1e-9), 1000 * statistics.median(latencies)
 
 

@@ -34,10 +34,11 @@ import math
 import os
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import httpx
 import numpy as np
@@ -286,7 +287,7 @@ class RewardClient:
         self.endpoints = {r.name: _Endpoint(r, config.balance) for r in config.rewards}
         self.metrics = client_metrics()
 
-    async def __aenter__(self) -> "RewardClient":
+    async def __aenter__(self) -> RewardClient:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -504,7 +505,7 @@ class SyncRewardClient:
         self._thread.join(5)
         self._loop.close()
 
-    def __enter__(self) -> "SyncRewardClient":
+    def __enter__(self) -> SyncRewardClient:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -74,7 +74,7 @@ def bus(redis_server):
 
 def small_config(**overrides) -> LearnerConfig:
     cfg = LearnerConfig(groups_per_step=2, torch_threads=1, checkpoint_every=0, read_block_ms=20, lr=1e-3,
-                        max_staleness=4, seed=0)
+                        max_staleness=4, seed=0, device="cpu", dtype="float32")
     cfg.crd.num_noise_levels = 3
     cfg.crd.kl_cfg_scale = 2.0
     cfg.lora.rank = 4
@@ -89,7 +89,7 @@ def small_config(**overrides) -> LearnerConfig:
 
 
 def make_learner(model_dir, cfg: LearnerConfig, run_dir=None, publisher=None, registry=None) -> Learner:
-    model = FlowModel.from_pretrained(str(model_dir), device="cpu")
+    model = FlowModel.from_pretrained(str(model_dir), device=cfg.device, dtype=cfg.dtype)
     return Learner(cfg, model, publisher=publisher, run_dir=run_dir, registry=registry or CollectorRegistry())
 
 
@@ -229,7 +229,8 @@ def test_micro_chunks_do_not_change_the_gradient(model_dir):
 
 
 def test_nft_baseline_steps(model_dir):
-    learner = make_learner(model_dir, small_config(algorithm="nft", nft__num_noise_levels=2))
+    learner = make_learner(model_dir, small_config(algorithm="nft", nft__num_noise_levels=2,
+                                                   gradient_checkpointing=True))
     assert learner.p_samp is learner.p_old  # NFT: one EMA model is both sampler and reference
     stats = learner.train_on_groups([make_group(), make_group(k=3)])  # uneven K: padded and masked
     assert math.isfinite(stats["loss"]) and learner.step == 1 and stats["samples"] == 7
@@ -396,6 +397,28 @@ def test_lora_trains_only_adapter_weights(model_dir, tmp_path):
     # the engine checkpoint leaves the frozen base out
     engine_files = list((folder / "engine").iterdir())
     assert sum(f.stat().st_size for f in engine_files) < 0.5 * sum(p.numel() * 4 for p in frozen0.values())
+    # resume restores the adapters of θ, p_old and p_samp
+    again = make_learner(model_dir, small_config(lora__enabled=True, checkpoint_every=1), run_dir=tmp_path / "run")
+    assert again.resume() == 3
+    restored = again.theta_state_dict()
+    assert all(torch.equal(restored[k], lora[k]) for k in lora)
+    old, old_again = learner.snapshot_state_dict("p_old"), again.snapshot_state_dict("p_old")
+    assert all(torch.equal(old[k], old_again[k]) for k in old)
+
+
+def test_bf16_lora_zero2_step(model_dir):
+    """bf16 (DeepSpeed bf16, fp32 master weights) with LoRA under ZeRO-2; the snapshots stay fp32."""
+    learner = make_learner(model_dir, small_config(dtype="bfloat16", lora__enabled=True, zero_stage=2))
+    assert next(learner.engine.module.parameters()).dtype == torch.bfloat16
+    lora0 = learner.theta_state_dict()
+    for _ in range(2):
+        stats = learner.train_on_groups([make_group(), make_group()])
+        assert math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])
+    lora = learner.theta_state_dict()
+    assert any(not torch.equal(lora0[k], lora[k]) for k in lora)
+    assert {t.dtype for t in learner.snapshot_state_dict("p_old").values()} == {torch.float32}
+    tensors, kind = learner.publish_tensors()
+    assert kind == "lora" and {t.dtype for t in tensors.values()} == {torch.bfloat16}
 
 
 # ------------------------------------------------------------------------------------------ learning
@@ -429,7 +452,7 @@ RANK_SCRIPT = textwrap.dedent(
 
     model_dir, url, stream, run_dir, out_dir, steps, zero = sys.argv[1:8]
     cfg = LearnerConfig(world_size=2, groups_per_step=4, torch_threads=1, checkpoint_every=2, read_block_ms=50,
-                        lr=1e-3, zero_stage=int(zero))
+                        lr=1e-3, zero_stage=int(zero), device="cpu", dtype="float32")
     cfg.crd.num_noise_levels = 2
     cfg.crd.kl_cfg_scale = 2.0
     channel = LocalWeightChannel()
@@ -459,7 +482,8 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_ranks_identical_theta(model_dir, bus, redis_server, tmp_path):
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_two_ranks_identical_theta(model_dir, bus, redis_server, tmp_path, zero_stage):
     r, stream, producer = bus
     steps = 3
     gids = []
@@ -478,7 +502,7 @@ def test_two_ranks_identical_theta(model_dir, bus, redis_server, tmp_path):
                    MASTER_PORT=str(port), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
         procs.append(subprocess.Popen(
             [sys.executable, str(script), str(model_dir), redis_server.url, stream, str(tmp_path / "run"), str(out),
-             str(steps), "2"],
+             str(steps), str(zero_stage)],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = []
     for p in procs:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -67,7 +66,7 @@ class ServerProc:
     def output(self) -> str:
         return Path(self.log.name).read_text(errors="replace")
 
-    def wait_ready(self, timeout: float = 60.0) -> "ServerProc":
+    def wait_ready(self, timeout: float = 60.0) -> ServerProc:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -8,9 +8,9 @@ num_objects. The prompt must be in the shapes-world grammar (else 422).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Mapping, Sequence
 
 import numpy as np
 

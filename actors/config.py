@@ -1,0 +1,50 @@
+"""Configuration of the sampler actors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from diffrl.config import require
+from models.config import SamplingConfig
+
+
+@dataclass
+class SamplerConfig:
+    num_samplers: int = 2
+    """Sampler actors (each holds its own copy of p_samp)."""
+    k: int = 8
+    """Samples per prompt: the size of a group (K)."""
+    groups_per_round: int = 4
+    """Prompts sampled together in one batched ODE solve (K x this images per forward)."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """ODE sampler settings for p_samp (CRD: CFG 1.0, few steps)."""
+    prompt_split: str = "train"
+    """Prompt split the samplers draw from (train; eval prompts are never trained on)."""
+    max_pending_groups: int = 32
+    """Backpressure: a sampler waits while the stream holds more unconsumed groups than this."""
+    backpressure_poll_s: float = 0.2
+    """How often a paused sampler looks at the backlog again, seconds."""
+    num_cpus: float = 1.0
+    """CPUs Ray reserves for each sampler actor."""
+    num_gpus: float = 0.0
+    """GPUs Ray reserves for each sampler actor (fractions share a GPU)."""
+    torch_threads: int = 1
+    """Torch intra-op threads inside each sampler (Ray sets 1 for actors with num_cpus <= 1)."""
+    max_restarts: int = 3
+    """Times Ray restarts a crashed sampler actor."""
+    seed: int = 0
+    """Seed of the prompt order and the per-sample noise seeds."""
+    metrics_port: int = 0
+    """Port of each sampler's Prometheus /metrics endpoint (0: a free port; -1: none)."""
+
+    def validate(self) -> None:
+        require(self.num_samplers >= 1, "num_samplers", "an int >= 1", self.num_samplers)
+        require(self.k >= 2, "k", "an int >= 2 (centering needs at least two samples per prompt)", self.k)
+        require(self.groups_per_round >= 1, "groups_per_round", "an int >= 1", self.groups_per_round)
+        require(self.prompt_split in ("train", "eval", "all"), "prompt_split", "train|eval|all", self.prompt_split)
+        require(self.max_pending_groups >= 1, "max_pending_groups", "an int >= 1", self.max_pending_groups)
+        require(self.backpressure_poll_s > 0, "backpressure_poll_s", "seconds > 0")
+        require(self.num_cpus >= 0 and self.num_gpus >= 0, "num_cpus", "non-negative resources")
+        require(self.torch_threads >= 1, "torch_threads", "an int >= 1", self.torch_threads)
+        require(self.max_restarts >= -1, "max_restarts", "an int >= -1 (-1: forever)")
+        require(self.metrics_port >= -1, "metrics_port", "a port, 0 or -1")

@@ -1,0 +1,112 @@
+"""The sampler as a Ray actor: a thin shell that builds a :class:`actors.sampler.Sampler` inside the
+actor process. Configs cross the process boundary as YAML text and are re-validated on arrival."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+
+from actors.config import SamplerConfig
+from diffrl.config import load_config_text
+from models.config import ModelConfig
+from reward_servers.client import RewardClientConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SamplerSpec:
+    """Everything one sampler actor needs, sent as YAML."""
+
+    sampler_id: str = "sampler-0"
+    """Unique id of this sampler (labels, group ids)."""
+    shard_index: int = 0
+    """Which shard of the prompt list this sampler walks."""
+    num_shards: int = 1
+    """Shards in all (= number of samplers)."""
+    redis_url: str = ""
+    """Redis the groups are published to."""
+    stream: str = "experience"
+    """Redis stream of the groups."""
+    consumer_group: str = "learner"
+    """Consumer group whose backlog drives backpressure."""
+    weights_channel: str = "diffrl-weights"
+    """Name of the Ray weight channel actor ('' = never update weights)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Base model of p_samp."""
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    """Sampler settings."""
+    rewards: RewardClientConfig = field(default_factory=RewardClientConfig)
+    """Rewards and their replicas."""
+
+
+def build_sampler(spec: SamplerSpec):
+    """A ready :class:`Sampler` (model loaded, reward client, producer, weight channel, metrics)."""
+    import torch
+
+    from actors.metrics import SamplerMetrics
+    from actors.prompts import PromptSource
+    from actors.sampler import Sampler
+    from diffrl.embedded_redis import connect
+    from diffrl.evaluation import split_prompts
+    from models.adapter import FlowModel
+    from proto.bus import ExperienceProducer
+    from reward_servers.client import SyncRewardClient
+
+    torch.set_num_threads(spec.sampler.torch_threads)
+    model = FlowModel.from_config(spec.model)
+    producer = ExperienceProducer(connect(spec.redis_url), stream=spec.stream, consumer_group=spec.consumer_group)
+    weights = None
+    if spec.weights_channel:
+        from proto.weight_sync import RayWeightChannel
+
+        weights = RayWeightChannel(spec.weights_channel)
+    prompts = PromptSource(split_prompts(spec.sampler.prompt_split), spec.shard_index, spec.num_shards,
+                           seed=spec.sampler.seed)
+    return Sampler(spec.sampler_id, spec.sampler, model, SyncRewardClient(spec.rewards), producer, prompts,
+                   weights=weights, metrics=SamplerMetrics(spec.sampler_id))
+
+
+class SamplerActor:
+    """Body of the Ray actor (created with max_concurrency=2 so ``stop`` reaches a running ``run``)."""
+
+    def __init__(self, spec_yaml: str):
+        self.spec = load_config_text(SamplerSpec, spec_yaml)
+        self.metrics_port = None
+        if self.spec.sampler.metrics_port >= 0:
+            from prometheus_client import start_http_server
+
+            server, _ = start_http_server(self.spec.sampler.metrics_port, addr="127.0.0.1")
+            self.metrics_port = server.server_port
+        self.sampler = build_sampler(self.spec)
+
+    def run(self, max_rounds: int | None = None) -> int:
+        return self.sampler.run(max_rounds)
+
+    def run_round(self) -> dict:
+        return asdict(self.sampler.run_round())
+
+    def stop(self) -> None:
+        self.sampler.stop()
+
+    def status(self) -> dict:
+        s = self.sampler
+        return {"sampler_id": s.id, "version": s.version, "rounds": s.rounds, "published": s.published,
+                "incarnation": s.incarnation, "pid": os.getpid(), "metrics_port": self.metrics_port}
+
+
+def spawn_samplers(specs: list[SamplerSpec], cfg: SamplerConfig, runtime_env: dict | None = None):
+    """Start one Ray actor per spec (restarted by Ray on failure) and return their handles."""
+    import ray
+
+    from diffrl.config import to_yaml
+
+    actor_cls = ray.remote(SamplerActor)
+    handles = []
+    for spec in specs:
+        handles.append(actor_cls.options(
+            name=spec.sampler_id, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=cfg.max_restarts,
+            max_task_retries=0, max_concurrency=2, runtime_env=runtime_env,
+        ).remote(to_yaml(spec)))
+    return handles

@@ -1,0 +1,206 @@
+"""The sampler: a plain class (the Ray actor in actors/ray_sampler.py is a thin shell over it).
+
+One round: load a newer p_samp if the learner published one, wait while the stream backlog exceeds
+``max_pending_groups`` (backpressure), take G prompts from its shard, generate K samples per prompt
+with the ODE sampler, decode, score every group with every reward, and publish one Group per prompt
+to the Redis stream. A group whose reward failed is published *masked* with the reason (the learner
+counts it and never trains on it); it is never given a made-up score.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from actors.config import SamplerConfig
+from actors.metrics import SamplerMetrics
+from actors.prompts import PromptSource
+from models.adapter import FlowModel
+from proto import experience_pb2
+from proto.codec import tensor_to_proto
+from proto.weight_sync import WeightSource
+from reward_servers.client import Group as RewardGroup
+from reward_servers.client import GroupScores
+
+log = logging.getLogger(__name__)
+
+
+class GroupScorer(Protocol):
+    """What the sampler needs of the reward client (``SyncRewardClient`` fits)."""
+
+    def score_groups(self, groups: Sequence[RewardGroup]) -> list[GroupScores]: ...
+
+
+class GroupSink(Protocol):
+    """Where groups go (``proto.bus.ExperienceProducer`` fits)."""
+
+    def publish(self, group: experience_pb2.Group) -> str: ...
+
+    def backlog(self) -> int: ...
+
+
+@dataclass
+class RoundResult:
+    groups: int = 0
+    masked: int = 0
+    images: int = 0
+    version: int = -1
+    seconds: float = 0.0
+    paused_seconds: float = 0.0
+    reward_means: dict[str, float] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def sample_seeds(seed: int, sampler_id: str, incarnation: str, round_index: int, n: int) -> list[int]:
+    """Distinct 31-bit noise seeds per (sampler, incarnation, round); reproducible from the ids."""
+    key = [seed, round_index, *np.frombuffer(f"{sampler_id}/{incarnation}".encode().ljust(32, b"\0")[:32],
+                                             dtype=np.uint32).tolist()]
+    return [int(s) & 0x7FFFFFFF for s in np.random.SeedSequence(key).generate_state(n, dtype=np.uint32)]
+
+
+class Sampler:
+    def __init__(self, sampler_id: str, cfg: SamplerConfig, model: FlowModel, scorer: GroupScorer,
+                 sink: GroupSink, prompts: PromptSource, weights: WeightSource | None = None,
+                 metrics: SamplerMetrics | None = None,
+                 prompt_metadata: Callable[[str], Mapping[str, str]] | None = None):
+        self.id = sampler_id
+        self.cfg = cfg
+        self.model = model
+        self.scorer = scorer
+        self.sink = sink
+        self.prompts = prompts
+        self.weights = weights
+        self.metrics = metrics or SamplerMetrics(sampler_id)
+        self.prompt_metadata = prompt_metadata or (lambda prompt: {})
+        self.incarnation = uuid.uuid4().hex[:12]  # group ids stay unique across actor restarts
+        self.version = 0  # p_samp version in use; 0 = the base model
+        self.rounds = 0
+        self.published = 0
+        self._stop = threading.Event()
+        self.metrics.version.set(self.version)
+
+    # ------------------------------------------------------------------ control
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    # ------------------------------------------------------------------ steps of a round
+    def maybe_update_weights(self) -> bool:
+        """Load the newest published p_samp if it is newer than ours."""
+        if self.weights is None:
+            return False
+        update = self.weights.fetch_newer(self.version)
+        if update is None:
+            return False
+        version, kind, tensors = update
+        if kind != "full":
+            raise ValueError(f"sampler {self.id}: cannot apply a {kind!r} weight update (expected full)")
+        self.model.transformer.load_state_dict(tensors, strict=True)
+        self.version = version
+        self.metrics.version.set(version)
+        self.metrics.weight_updates.inc()
+        return True
+
+    def wait_for_room(self) -> float:
+        """Backpressure: block while the backlog exceeds max_pending_groups. Returns seconds paused."""
+        start = time.perf_counter()
+        while not self.stopped and self.sink.backlog() > self.cfg.max_pending_groups:
+            self._stop.wait(self.cfg.backpressure_poll_s)
+        paused = time.perf_counter() - start
+        self.metrics.backpressure.inc(paused)
+        return paused
+
+    def run_round(self) -> RoundResult:
+        result = RoundResult()
+        stages: dict[str, float] = {}
+        t_round = time.perf_counter()
+
+        t = time.perf_counter()
+        self.maybe_update_weights()
+        stages["weights"] = time.perf_counter() - t
+        result.paused_seconds = self.wait_for_room()
+        if self.stopped:
+            return result
+
+        cfg, k = self.cfg, self.cfg.k
+        prompts = self.prompts.take(cfg.groups_per_round)
+        flat_prompts = [p for p in prompts for _ in range(k)]
+        seeds = sample_seeds(cfg.seed, self.id, self.incarnation, self.rounds, len(flat_prompts))
+        version = self.version
+
+        t = time.perf_counter()
+        s = cfg.sampling
+        x0 = self.model.sample(flat_prompts, seeds, num_steps=s.num_steps, guidance_scale=s.guidance_scale,
+                               shift=s.shift, batch_size=s.batch_size)  # [G*K, C, H, W]
+        stages["sample"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        images = self.model.to_uint8(self.model.decode(x0))  # [G*K, H, W, 3]
+        stages["decode"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        metadata = [dict(self.prompt_metadata(p)) for p in prompts]
+        requests = [RewardGroup(images=list(images[g * k:(g + 1) * k]), prompt=p, metadata=metadata[g])
+                    for g, p in enumerate(prompts)]
+        scores = self.scorer.score_groups(requests)
+        stages["reward"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        x0_cpu = x0.detach().to("cpu", torch.float32)
+        reward_sums: dict[str, list[float]] = {}
+        for g, prompt in enumerate(prompts):
+            group = experience_pb2.Group(
+                group_id=f"{self.id}:{self.incarnation}:{self.rounds}:{g}",
+                prompt=prompt, policy_version=version, sampler_id=self.id, created_at=time.time())
+            group.prompt_metadata.update(metadata[g])
+            outcome = scores[g]
+            if not outcome.ok:
+                group.masked = True
+                group.mask_reason = str(outcome.failure)
+                kind = getattr(outcome.failure, "kind", "error")
+                self.metrics.masked.labels(self.id, kind).inc()
+                result.masked += 1
+            for i in range(k):
+                sample = group.samples.add(seed=seeds[g * k + i])
+                sample.latent.CopyFrom(tensor_to_proto(x0_cpu[g * k + i]))
+                if outcome.ok:
+                    for name, values in outcome.scores.items():
+                        sample.rewards[name] = float(values[i])
+                        reward_sums.setdefault(name, []).append(float(values[i]))
+            self.sink.publish(group)
+            self.metrics.groups.inc()
+            result.groups += 1
+        stages["publish"] = time.perf_counter() - t
+
+        for name, values in reward_sums.items():
+            result.reward_means[name] = float(np.mean(values))
+            self.metrics.reward_mean.labels(self.id, name).set(result.reward_means[name])
+        for stage, seconds in stages.items():
+            self.metrics.stage_seconds.labels(self.id, stage).inc(seconds)
+        result.images = len(flat_prompts)
+        result.version = version
+        result.seconds = time.perf_counter() - t_round
+        result.stage_seconds = stages
+        self.metrics.images.inc(result.images)
+        self.metrics.round_seconds.observe(result.seconds)
+        self.rounds += 1
+        self.published += result.groups
+        return result
+
+    def run(self, max_rounds: int | None = None) -> int:
+        """Sample until stopped (or ``max_rounds``). Returns the rounds done."""
+        done = 0
+        while not self.stopped and (max_rounds is None or done < max_rounds):
+            self.run_round()
+            done += 1
+        return done

@@ -1,0 +1,87 @@
+"""Pieces of the embedded local stack: reward servers started as local processes.
+
+(The embedded Redis lives in diffrl/embedded_redis.py; the local Ray is started by the job driver.)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import httpx
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class LocalRewardServer:
+    """``diffrl reward serve NAME`` as a child process on 127.0.0.1, its output in ``log_path``."""
+
+    def __init__(self, name: str, args: Sequence[str] = (), port: int | None = None,
+                 log_path: str | Path | None = None, env: dict[str, str] | None = None):
+        self.name = name
+        self.args = list(args)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_path) if log_path else Path(f"/tmp/diffrl-reward-{name}-{self.port}.log")
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "LocalRewardServer":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, OMP_NUM_THREADS="1", **(self.env or {}))
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "reward_servers", "serve", self.name, "--host", "127.0.0.1",
+                 "--port", str(self.port), *self.args],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_ready(self, timeout: float = 60.0) -> "LocalRewardServer":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                code = None if self.proc is None else self.proc.returncode
+                raise RuntimeError(f"reward server {self.name} exited ({code}):\n{self.output()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"reward server {self.name} not ready after {timeout} s:\n{self.output()[-3000:]}")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+
+    def __enter__(self) -> "LocalRewardServer":
+        return self.start().wait_ready()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
