@@ -125,12 +125,12 @@ class Sampler:
         stages: dict[str, float] = {}
         t_round = time.perf_counter()
 
-        t = time.perf_counter()
-        self.maybe_update_weights()
-        stages["weights"] = time.perf_counter() - t
         result.paused_seconds = self.wait_for_room()
         if self.stopped:
             return result
+        t = time.perf_counter()
+        self.maybe_update_weights()  # after any pause: the learner has likely published since
+        stages["weights"] = time.perf_counter() - t
 
         cfg, k = self.cfg, self.cfg.k
         prompts = self.prompts.take(cfg.groups_per_round)

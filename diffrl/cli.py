@@ -57,6 +57,25 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------- train
+def cmd_train(args: argparse.Namespace) -> int:
+    from diffrl.job import train
+    from diffrl.schema import TrainConfig
+
+    extra = [f"run.resume={args.resume}"] if args.resume else []
+    recipe, overrides = split_recipe(list(args.config))
+    if args.resume and recipe is None and (Path(args.resume) / "config.yaml").is_file():
+        recipe = str(Path(args.resume) / "config.yaml")  # a resumed run keeps its recipe
+    cfg = load_config(TrainConfig, recipe, [*overrides, *extra])
+    run_dir = train(cfg)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    print(f"run folder: {run_dir}")
+    for key in ("eval_start", "eval_end"):
+        if key in summary:
+            print_metrics(f"{key.replace('_', ' ')} (p_samp, held-out prompts)", summary[key])
+    return 0
+
+
 # --------------------------------------------------------------------------------- eval
 def _eval_schema():
     from diffrl.evaluation import EvalCommandConfig
@@ -112,6 +131,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from diffrl.bench import SamplerBenchConfig
+    from diffrl.schema import TrainConfig
     from models.pretrain import PretrainConfig
 
     parser = argparse.ArgumentParser(
@@ -128,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "CFG) and save it in diffusers format.")
     add_config_args(p, PretrainConfig)
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("train", help="RL post-training: Ray samplers -> reward servers -> Redis -> DeepSpeed learner",
+                       description="Train with CRD (or another learner.algorithm). With no services "
+                                   "configured this starts the embedded stack: local Ray, embedded Redis and "
+                                   "the recipe's reward servers, torn down at the end or on Ctrl-C.")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    add_config_args(p, TrainConfig)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="held-out accuracy of a model on the shapes world, and an image grid",
                        description="Sample fixed (prompt, seed) pairs, score them with the shapes "

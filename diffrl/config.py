@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import re
 import textwrap
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
@@ -67,8 +68,10 @@ def _validate_tree(obj: Any, path: str = "") -> None:
             validate()
         except ConfigError as err:
             raise err.under(path) if path else err
-        except ValueError as err:  # plain ValueErrors from config classes still get a path
-            raise ConfigError(path, str(err)) from err
+        except ValueError as err:  # plain "field: message" ValueErrors of packages below diffrl
+            match = re.match(r"^([A-Za-z_][\w.]*): (.*)$", str(err), re.S)
+            field, message = (match.group(1), match.group(2)) if match else ("", str(err))
+            raise ConfigError(field, message).under(path) if path else ConfigError(field, message) from err
 
 
 def _omegaconf_error(err: OmegaConfBaseException) -> ConfigError:
@@ -97,6 +100,9 @@ def load_config_text(schema: type[T], text: str) -> T:
     return _build(schema, OmegaConf.create(text), (), where="config text")
 
 
+_ABSENT = object()
+
+
 def _build(schema: type[T], loaded: Any, overrides: Sequence[str], where: str) -> T:
     for item in overrides:
         if "=" not in item:
@@ -107,8 +113,12 @@ def _build(schema: type[T], loaded: Any, overrides: Sequence[str], where: str) -
             if not OmegaConf.is_dict(loaded):
                 raise ConfigError("", f"{where} must be a YAML mapping")
             merged = OmegaConf.merge(merged, loaded)
-        if overrides:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        for item in overrides:
+            key, text = item.split("=", 1)
+            value = OmegaConf.from_dotlist([f"v={text}"])["v"]  # YAML-parsed like recipe values
+            if OmegaConf.select(merged, key, default=_ABSENT) is _ABSENT:
+                raise ConfigError(key, "no such config key (see --help)")
+            OmegaConf.update(merged, key, value, merge=True)
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
             raise ConfigError(missing[0], "a value is required")

@@ -6,8 +6,11 @@ A server process (``python -m reward_servers serve NAME``) is pinned to ``server
 requests in flight, request bodies encoded beforehand: encoding is the sampler's cost) runs on
 ``client_cpus``. The in-process baseline pins this process to ``server_cpus`` and runs
 ``scorer.score_batch`` on the decoded arrays from ``threads`` threads (the work the server must
-match: it additionally receives, parses and decodes). Each figure is the median of ``repeats``
-runs of ``batches`` batches of ``batch_size`` images (after ``warmup`` batches).
+match: it additionally receives, parses and decodes; a run "with decode" adds the PNG decoding).
+Each figure is the median of ``repeats`` runs of at least ``batches`` batches of ``batch_size``
+images and ``min_seconds`` seconds (after ``warmup`` batches). Besides wall-clock images/s, images
+per CPU second of the scoring process are reported (server: all its threads plus finished children,
+from /proc; in-process: this process), which other tenants of a shared machine disturb far less.
 
 Workloads (synthetic, deterministic): shapes = shapes-world renders (32x32) scored against their
 prompts; ocr = words rendered by Pillow at 128x64 / 256x64; compressibility = 64x64 shapes renders
@@ -144,13 +147,18 @@ def workload(name: str, n: int, seed: int = 0) -> tuple[list[np.ndarray], list[s
 
 
 # ----------------------------------------------------------------------------- helpers
+_AVAILABLE_CPUS = frozenset(os.sched_getaffinity(0))
+
+
 def _cpus(spec: str) -> set[int] | None:
-    return {int(p) for p in spec.split(",")} if spec else None
+    """The CPUs named by ``spec`` that this process may use (None: all, also when none of them is)."""
+    cpus = {int(p) for p in spec.split(",")} & _AVAILABLE_CPUS if spec else set()
+    return cpus or None
 
 
 def _pin(spec: str) -> None:
     cpus = _cpus(spec)
-    os.sched_setaffinity(0, cpus if cpus else set(range(os.cpu_count() or 1)))
+    os.sched_setaffinity(0, cpus if cpus else _AVAILABLE_CPUS)
 
 
 def _free_port() -> int:
@@ -173,15 +181,16 @@ class _Server:
     def __init__(self, cfg: RewardBenchConfig):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile(prefix="bench-reward-", suffix=".log", delete=False)
+        self.log = tempfile.NamedTemporaryFile(prefix="bench-reward-", suffix=".log", delete=False)  # noqa: SIM115
         cpus = _cpus(cfg.server_cpus)
         env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads)}
         env.pop("DIFFRL_REWARD_TOKEN", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "reward_servers", "serve", cfg.name, "--port", str(self.port),
              f"execution.threads={cfg.threads}", "limits.max_items=1024", *cfg.server],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        if cpus:  # pinned before the interpreter has started any thread (they inherit the mask)
+            os.sched_setaffinity(self.proc.pid, cpus)
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -38,7 +38,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import numpy as np
@@ -46,7 +46,7 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
-from diffrl.config import require
+from diffrl.config import ConfigError, require
 from proto import reward_pb2
 from reward_servers.config import TOKEN_ENV
 from reward_servers.images import encode_png
@@ -89,8 +89,7 @@ class RewardEndpointConfig:
 
     def validate(self) -> None:
         require(bool(self.name), "name", "a non-empty reward name", self.name)
-        require(len(self.urls) > 0, "urls", "at least one replica URL", list(self.urls))
-        for u in self.urls:
+        for u in self.urls:  # may be empty in a recipe: the embedded stack fills in local servers
             require(u.startswith(("http://", "https://")), "urls", "http(s):// URLs", u)
         require(math.isfinite(self.weight), "weight", "a finite float", self.weight)
         require(self.timeout_s > 0, "timeout_s", "a float > 0", self.timeout_s)
@@ -120,8 +119,7 @@ class RewardClientConfig:
     """File holding the bearer token to send (empty: $DIFFRL_REWARD_TOKEN if set, else none)."""
 
     def validate(self) -> None:
-        require(len(self.rewards) > 0, "rewards", "at least one reward")
-        names = [r.name for r in self.rewards]
+        names = [r.name for r in self.rewards]  # may be empty in a recipe (filled in by the launcher)
         require(len(set(names)) == len(names), "rewards", "distinct reward names", names)
         require(self.balance in ("least_outstanding", "round_robin"), "balance",
                 "least_outstanding or round_robin", self.balance)
@@ -129,9 +127,15 @@ class RewardClientConfig:
 
 
 def _validated(cfg: RewardClientConfig) -> RewardClientConfig:
-    for r in cfg.rewards:
-        r.validate()
+    """Validate a config built in code, and require what a working client needs."""
+    for i, r in enumerate(cfg.rewards):
+        try:
+            r.validate()
+        except ConfigError as err:
+            raise err.under(f"rewards.{i}") from None
+        require(len(r.urls) > 0, f"rewards.{i}.urls", f"at least one replica URL for reward {r.name!r}")
     cfg.validate()
+    require(len(cfg.rewards) > 0, "rewards", "at least one reward")
     return cfg
 
 
@@ -287,7 +291,7 @@ class RewardClient:
         self.endpoints = {r.name: _Endpoint(r, config.balance) for r in config.rewards}
         self.metrics = client_metrics()
 
-    async def __aenter__(self) -> RewardClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -313,6 +317,10 @@ class RewardClient:
                 f"{replica.url}/v1/score", content=body,
                 headers={"content-type": ctype, "accept": ctype},
                 timeout=httpx.Timeout(cfg.timeout_s, connect=cfg.connect_timeout_s))
+        except httpx.PoolTimeout:  # our own connection pool is saturated: not the replica's fault
+            self.metrics.requests.labels(ep.name, "pool_timeout").inc()
+            raise _Retryable("timeout", f"{replica.url}: no free connection within {cfg.timeout_s} s "
+                             "(raise max_connections)") from None
         except httpx.TimeoutException as err:
             ep.failed(replica, self.http)
             self.metrics.requests.labels(ep.name, "timeout").inc()
@@ -505,7 +513,7 @@ class SyncRewardClient:
         self._thread.join(5)
         self._loop.close()
 
-    def __enter__(self) -> SyncRewardClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

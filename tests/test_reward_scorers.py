@@ -174,10 +174,11 @@ def test_onnx_scorer_with_built_model(tmp_path):
     path = tmp_path / "tiny.onnx"
     build_onnx_model(path)
     red, blue = solid((230, 20, 20)), solid((20, 20, 230))
-    opts = dict(path=str(path), input_size=[8, 8], mapping="softmax", index=1, name="redness")
+    opts = {"path": str(path), "input_size": [8, 8], "mapping": "softmax", "index": 1, "name": "redness"}
     sc = get_scorer("onnx", **opts)
     assert sc.name == "redness" and sc.version.startswith("sha256:") and (sc.min_score, sc.max_score) == (0.0, 1.0)
     scores, details = sc.score_batch([red, blue, cv2.resize(red, (40, 30))], ["", "", ""], [{}] * 3)
+    assert details["value"] == pytest.approx(scores)
     # expected: softmax of mean(x) @ W, computed by hand
     w = np.array([[-4.0, 4.0], [2.0, -2.0], [2.0, -2.0]])
 
@@ -186,7 +187,7 @@ def test_onnx_scorer_with_built_model(tmp_path):
         return float(np.exp(z[1]) / np.exp(z).sum())
 
     assert scores[:2] == pytest.approx([expect((230, 20, 20)), expect((20, 20, 230))], rel=1e-5)
-    assert scores[2] == pytest.approx(scores[0], rel=1e-5) and scores[0] > 0.9 > 0.1 > scores[1]
+    assert scores[2] == pytest.approx(scores[0], rel=1e-5) and scores[0] > 0.9 and scores[1] < 0.1
     # scale/offset, element mapping, NHWC rejected by the model's shape, fixed-batch model run per image
     el = get_scorer("onnx", path=str(path), input_size=[8, 8], mapping="element", index=1, scale=2.0, offset=1.0)
     z = (np.array((230, 20, 20)) / 255.0) @ w
@@ -216,7 +217,7 @@ def test_decode_refuses_bombs_truncation_and_garbage():
     png = encode_png(im)
     assert (decode_image(png, 1000) == im).all()
     assert image_header(png) == ("png", 30, 20)
-    ok, jpg = cv2.imencode(".jpg", im)
+    _, jpg = cv2.imencode(".jpg", im)
     assert image_header(jpg.tobytes()) == ("jpeg", 30, 20) and decode_image(jpg.tobytes(), 1000).shape == (20, 30, 3)
     t0 = time.perf_counter()
     with pytest.raises(ImageError, match="exceeds the limit") as err:

@@ -34,8 +34,10 @@ def serve_url():
 
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's unix socket paths are length-limited
     port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    own_ray = not ray.is_initialized()  # another test module may have started Ray in this session
+    if own_ray:
+        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app = build_app({
@@ -51,7 +53,8 @@ def serve_url():
         try:
             serve.shutdown()
         finally:
-            ray.shutdown()
+            if own_ray:
+                ray.shutdown()
             shutil.rmtree(temp, ignore_errors=True)
 
 

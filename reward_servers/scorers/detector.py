@@ -123,12 +123,10 @@ class DetectorScorer(Scorer):
     def score_batch(self, images: Sequence[np.ndarray], prompts: Sequence[str],
                     metadata: Sequence[Mapping[str, str]]) -> tuple[list[float], Details]:
         check_lengths(images, prompts, metadata)
-        expected = []
-        for m in metadata:
-            c = self._expected(m)
-            if isinstance(c, str):
-                raise ValueError(c)
-            expected.append(c)
+        expected = [self._expected(m) for m in metadata]
+        problems = [c for c in expected if isinstance(c, str)]
+        if problems:
+            raise ValueError(problems[0])
         detected = [len(self.detect(im)) for im in images]
         scores = [count_score(n, c) for n, c in zip(detected, expected)]
         return scores, {"detected": [float(n) for n in detected], "expected": [float(c) for c in expected]}

@@ -29,6 +29,7 @@ neither is used.
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import re
 import shutil
@@ -131,7 +132,8 @@ class TesseractEngine:
         self.version = self._version()
 
     def _version(self) -> str:
-        out = subprocess.run([self.exe, "--version"], capture_output=True, text=True, timeout=30, env=self.env)
+        out = subprocess.run([self.exe, "--version"], capture_output=True, text=True, timeout=30, env=self.env,
+                             check=False)
         first = (out.stdout or out.stderr).splitlines()[0] if (out.stdout or out.stderr) else "tesseract"
         return first.strip()
 
@@ -153,7 +155,7 @@ class TesseractEngine:
             outs = [self._read_pages(greys)]
         else:  # contiguous chunks, one tesseract process each
             bounds = np.linspace(0, len(todo), n + 1).round().astype(int)
-            chunks = [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
+            chunks = [list(range(a, b)) for a, b in itertools.pairwise(bounds)]
             outs = list(self._pool.map(lambda c: self._read_pages([greys[j] for j in c]), chunks))
         for chunk, out in zip(chunks, outs):
             for j, text in zip(chunk, out):
@@ -165,7 +167,7 @@ class TesseractEngine:
         pages[0].save(buf, format="TIFF", save_all=True, append_images=pages[1:], compression="raw")
         cmd = [self.exe, "stdin", "stdout", "--psm", str(self.options.psm), "-l", self.options.lang]
         proc = subprocess.run(cmd, input=buf.getvalue(), capture_output=True, timeout=self.options.timeout_s,
-                              env=self.env)
+                              env=self.env, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"tesseract exited with {proc.returncode}: "
                                f"{proc.stderr.decode(errors='replace').strip()[-300:]}")

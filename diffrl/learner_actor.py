@@ -1,0 +1,118 @@
+"""A learner rank as a Ray actor: a thin shell over :class:`learner.learner.Learner` that also runs the
+held-out evaluation of p_samp on rank 0. Configs arrive as YAML text and are validated again here."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+from diffrl.config import load_config_text
+from diffrl.evaluation import EvalConfig
+from learner.config import LearnerConfig
+from models.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LearnerSpec:
+    """Everything one learner rank needs, sent as YAML."""
+
+    rank: int = 0
+    """This rank."""
+    world_size: int = 1
+    """Learner ranks in all."""
+    master_addr: str = "127.0.0.1"
+    """Address of rank 0 for the process group."""
+    master_port: int = 29500
+    """Port of rank 0 for the process group."""
+    run_dir: str = ""
+    """Run folder (checkpoints, grids)."""
+    resume: bool = False
+    """Continue from the run folder's latest checkpoint."""
+    redis_url: str = ""
+    """Redis of the experience stream."""
+    stream: str = "experience"
+    """Stream name."""
+    consumer_group: str = "learner"
+    """Consumer group of the learner ranks."""
+    weights_channel: str = "diffrl-weights"
+    """Ray weight channel p_samp is published to (rank 0)."""
+    metrics_port: int = 0
+    """Prometheus /metrics port (0: free port; -1: none)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Base model."""
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    """Learner settings."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation settings."""
+
+
+class LearnerActor:
+    def __init__(self, spec_yaml: str):
+        self.spec = spec = load_config_text(LearnerSpec, spec_yaml)
+        os.environ.update({"RANK": str(spec.rank), "WORLD_SIZE": str(spec.world_size),
+                           "LOCAL_RANK": os.environ.get("LOCAL_RANK", "0"),
+                           "MASTER_ADDR": spec.master_addr, "MASTER_PORT": str(spec.master_port)})
+        import torch
+
+        from diffrl.embedded_redis import connect
+        from learner.learner import Learner, resolve_device
+        from models.adapter import FlowModel
+
+        if spec.learner.torch_threads:
+            torch.set_num_threads(spec.learner.torch_threads)
+        device = resolve_device(spec.learner.device)
+        if device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        dtype = spec.learner.dtype if spec.learner.dtype != "auto" else (
+            "bfloat16" if device.type == "cuda" else "float32")
+        self.model = FlowModel.from_pretrained(spec.model.path, device=str(device), dtype=dtype,
+                                               max_sequence_length=spec.model.max_sequence_length)
+        publisher = None
+        if spec.rank == 0 and spec.weights_channel:
+            from proto.weight_sync import RayWeightChannel
+
+            publisher = RayWeightChannel(spec.weights_channel)
+        self.learner = Learner(spec.learner, self.model, publisher=publisher, run_dir=spec.run_dir)
+        self.learner.connect_bus(connect(spec.redis_url), spec.stream, spec.consumer_group)
+        self.resumed_step = self.learner.resume(spec.run_dir) if spec.resume else None
+        if self.resumed_step:
+            self.learner.publish()  # samplers continue from the checkpoint's p_samp
+        self.metrics_port = None
+        if spec.metrics_port >= 0:
+            from prometheus_client import start_http_server
+
+            server, _ = start_http_server(spec.metrics_port, addr="127.0.0.1")
+            self.metrics_port = server.server_port
+
+    def step(self, max_wait_s: float = 300.0) -> dict | None:
+        """Poll until one optimizer step is taken (stats) or ``max_wait_s`` passes (None)."""
+        deadline = time.monotonic() + max_wait_s
+        while time.monotonic() < deadline:
+            stats = self.learner.poll_and_step()
+            if stats is not None:
+                return {k: v for k, v in stats.items() if not k.startswith("_")}
+        return None
+
+    def evaluate(self, grid_path: str | None = None) -> dict[str, float]:
+        """Held-out accuracy of p_samp (what the samplers use) with the fixed eval seeds."""
+        from diffrl.evaluation import evaluate
+
+        return evaluate(self.model, self.spec.eval, transformer=self.learner.p_samp, grid_path=grid_path)
+
+    def finish(self) -> int:
+        """Checkpoint what is not yet covered (acknowledging its entries); returns the step."""
+        self.learner.finish()
+        return self.learner.step
+
+    def close(self) -> None:
+        self.learner.close()
+
+    def status(self) -> dict:
+        lr = self.learner
+        return {"rank": self.spec.rank, "step": lr.step, "counters": dict(lr.counters),
+                "pending_ack": len(lr.pending_entry_ids), "buffered": lr.buffered,
+                "metrics_port": self.metrics_port, "resumed_step": self.resumed_step, "pid": os.getpid()}

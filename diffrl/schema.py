@@ -1,0 +1,126 @@
+"""The training recipe: every component's config composed into one typed tree (``diffrl train``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from actors.config import SamplerConfig
+from diffrl.config import require
+from diffrl.evaluation import EvalConfig
+from learner.config import LearnerConfig
+from models.config import ModelConfig
+
+
+@dataclass
+class RunConfig:
+    name: str = "shapes-crd"
+    """Run name; the run folder is output_dir/name (a suffix is added if it exists, unless resuming)."""
+    output_dir: str = "runs"
+    """Parent folder of run folders."""
+    resume: str = ""
+    """Run folder to continue from its latest checkpoint (same as --resume)."""
+    max_steps: int = 20
+    """Learner optimizer steps to train (the run ends there)."""
+    max_seconds: float = 0.0
+    """Wall-clock limit of the training loop in seconds (0 = none)."""
+    eval_every: int = 10
+    """Held-out evaluation (metrics + image grid) every N learner steps, plus before and after (0 = never)."""
+    progress: bool = True
+    """Show a progress bar with step, reward and KL."""
+    seed: int = 0
+    """Seed of the run (sampler seeds, learner noise)."""
+
+    def validate(self) -> None:
+        require(bool(self.name) and "/" not in self.name, "name", "a non-empty name without '/'", self.name)
+        require(self.max_steps >= 1, "max_steps", "an int >= 1", self.max_steps)
+        require(self.max_seconds >= 0, "max_seconds", "seconds >= 0", self.max_seconds)
+        require(self.eval_every >= 0, "eval_every", "an int >= 0", self.eval_every)
+
+
+@dataclass
+class RewardSpec:
+    """One reward of the run: existing replicas (urls) or servers the job starts locally."""
+
+    name: str = "shapes"
+    """Scorer name (shapes, ocr, compressibility, detector, onnx); the key of its values in groups."""
+    urls: list[str] = field(default_factory=list)
+    """Replica base URLs of a running reward service; empty = start local_replicas servers here."""
+    local_replicas: int = 1
+    """Local server processes to start when urls is empty."""
+    serve_args: list[str] = field(default_factory=list)
+    """Extra arguments of `diffrl reward serve NAME` for local servers (e.g. scorer.metric=partial)."""
+    weight: float = 1.0
+    """Weight in the combined reward the learner trains on."""
+    timeout_s: float = 30.0
+    """Timeout of one scoring attempt, seconds."""
+    retries: int = 3
+    """Retries after the first attempt (timeouts, connection errors, 408/429/5xx)."""
+
+    def validate(self) -> None:
+        require(bool(self.name), "name", "a reward name")
+        require(bool(self.urls) or self.local_replicas >= 1, "local_replicas", "an int >= 1 when urls is empty")
+        require(self.timeout_s > 0, "timeout_s", "seconds > 0", self.timeout_s)
+        require(self.retries >= 0, "retries", "an int >= 0", self.retries)
+
+
+@dataclass
+class RedisConfig:
+    url: str = ""
+    """Redis URL (redis://, rediss:// with TLS, unix://); empty = $REDIS_URL, else an embedded
+    redis-server for the run's lifetime."""
+    stream: str = "experience"
+    """Stream of the experience groups."""
+    consumer_group: str = "learner"
+    """Consumer group of the learner ranks."""
+
+
+@dataclass
+class RayConfig:
+    address: str = ""
+    """Address of a running Ray cluster ('auto' inside `ray job submit`); empty = start a local Ray."""
+    num_cpus: int = 0
+    """CPUs of a local Ray (0 = all cores)."""
+    temp_dir: str = "/tmp/diffrl-ray"
+    """Temp/session folder of a local Ray."""
+    namespace: str = "diffrl"
+    """Ray namespace of the job's named actors."""
+
+
+@dataclass
+class LearnerPlacement:
+    num_cpus: float = 1.0
+    """CPUs Ray reserves for each learner rank."""
+    num_gpus: float = 0.0
+    """GPUs Ray reserves for each learner rank (1 per rank on GPU clusters)."""
+    metrics_port: int = 0
+    """Port of the learner's Prometheus /metrics (0: a free port; -1: none)."""
+
+
+@dataclass
+class TrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    """The run: length, evaluation, resume."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The base model (p_φ, and the start of θ, p_old and p_samp)."""
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    """Sampler actors."""
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
+    """The rewards (combined by weight)."""
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    """The DeepSpeed learner and its algorithm (CRD by default)."""
+    placement: LearnerPlacement = field(default_factory=LearnerPlacement)
+    """Where Ray puts the learner ranks."""
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(seeds_per_prompt=2, grid_prompts=8))
+    """Held-out evaluation during training."""
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    """The experience bus."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """The Ray cluster."""
+
+    def validate(self) -> None:
+        names = [r.name for r in self.rewards]
+        require(len(names) > 0, "rewards", "at least one reward")
+        require(len(set(names)) == len(names), "rewards", "distinct reward names", names)
+        if self.learner.reward_weights:
+            unknown = set(self.learner.reward_weights) - set(names)
+            require(not unknown, "learner.reward_weights", f"names among the rewards {names}", sorted(unknown))
