@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from actors.config import SamplerConfig
 from diffrl.config import load_config_text
 from models.config import ModelConfig
+from models.lora import LoraConfig
 from reward_servers.client import RewardClientConfig
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ class SamplerSpec:
     """Sampler settings."""
     rewards: RewardClientConfig = field(default_factory=RewardClientConfig)
     """Rewards and their replicas."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """The learner's LoRA settings (adapters published as kind=lora are applied with them)."""
 
 
 def build_sampler(spec: SamplerSpec):
@@ -65,7 +68,7 @@ def build_sampler(spec: SamplerSpec):
     prompts = PromptSource(split_prompts(spec.sampler.prompt_split), spec.shard_index, spec.num_shards,
                            seed=spec.sampler.seed)
     return Sampler(spec.sampler_id, spec.sampler, model, SyncRewardClient(spec.rewards), producer, prompts,
-                   weights=weights, metrics=SamplerMetrics(spec.sampler_id))
+                   weights=weights, metrics=SamplerMetrics(spec.sampler_id), lora=spec.lora)
 
 
 class SamplerActor:
@@ -73,12 +76,15 @@ class SamplerActor:
 
     def __init__(self, spec_yaml: str):
         self.spec = load_config_text(SamplerSpec, spec_yaml)
-        self.metrics_port = None
+        self.metrics_port = self.metrics_host = None
         if self.spec.sampler.metrics_port >= 0:
+            import ray
             from prometheus_client import start_http_server
 
-            server, _ = start_http_server(self.spec.sampler.metrics_port, addr="127.0.0.1")
+            host = os.environ.get("DIFFRL_METRICS_HOST") or "127.0.0.1"  # 0.0.0.0 on clusters
+            server, _ = start_http_server(self.spec.sampler.metrics_port, addr=host)
             self.metrics_port = server.server_port
+            self.metrics_host = ray.util.get_node_ip_address() if host in ("0.0.0.0", "::") else host
         self.sampler = build_sampler(self.spec)
 
     def run(self, max_rounds: int | None = None) -> int:
@@ -93,7 +99,8 @@ class SamplerActor:
     def status(self) -> dict:
         s = self.sampler
         return {"sampler_id": s.id, "version": s.version, "rounds": s.rounds, "published": s.published,
-                "incarnation": s.incarnation, "pid": os.getpid(), "metrics_port": self.metrics_port}
+                "incarnation": s.incarnation, "pid": os.getpid(), "metrics_port": self.metrics_port,
+                "metrics_host": self.metrics_host}
 
 
 def spawn_samplers(specs: list[SamplerSpec], cfg: SamplerConfig, runtime_env: dict | None = None):

@@ -23,6 +23,7 @@ from actors.config import SamplerConfig
 from actors.metrics import SamplerMetrics
 from actors.prompts import PromptSource
 from models.adapter import FlowModel
+from models.lora import LoraConfig, load_lora_weights
 from proto import experience_pb2
 from proto.codec import tensor_to_proto
 from proto.weight_sync import WeightSource
@@ -69,7 +70,8 @@ class Sampler:
     def __init__(self, sampler_id: str, cfg: SamplerConfig, model: FlowModel, scorer: GroupScorer,
                  sink: GroupSink, prompts: PromptSource, weights: WeightSource | None = None,
                  metrics: SamplerMetrics | None = None,
-                 prompt_metadata: Callable[[str], Mapping[str, str]] | None = None):
+                 prompt_metadata: Callable[[str], Mapping[str, str]] | None = None,
+                 lora: LoraConfig | None = None):
         self.id = sampler_id
         self.cfg = cfg
         self.model = model
@@ -79,6 +81,7 @@ class Sampler:
         self.weights = weights
         self.metrics = metrics or SamplerMetrics(sampler_id)
         self.prompt_metadata = prompt_metadata or (lambda prompt: {})
+        self.lora = lora or LoraConfig()  # must match the learner's when it trains LoRA adapters
         self.incarnation = uuid.uuid4().hex[:12]  # group ids stay unique across actor restarts
         self.version = 0  # p_samp version in use; 0 = the base model
         self.rounds = 0
@@ -103,9 +106,12 @@ class Sampler:
         if update is None:
             return False
         version, kind, tensors = update
-        if kind != "full":
-            raise ValueError(f"sampler {self.id}: cannot apply a {kind!r} weight update (expected full)")
-        self.model.transformer.load_state_dict(tensors, strict=True)
+        if kind == "full":
+            self.model.transformer.load_state_dict(tensors, strict=True)
+        elif kind == "lora":
+            load_lora_weights(self.model.transformer, tensors, self.lora)
+        else:
+            raise ValueError(f"sampler {self.id}: unknown weight update kind {kind!r}")
         self.version = version
         self.metrics.version.set(version)
         self.metrics.weight_updates.inc()

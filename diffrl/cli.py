@@ -110,6 +110,8 @@ def print_metrics(title: str, metrics: dict[str, float]) -> None:
         print(f"  {key:<8} {metrics[key]:.3f}")
     by_n = {k: v for k, v in metrics.items() if k.startswith("strict_")}
     print("  " + "  ".join(f"{k.removeprefix('strict_')}={v:.2f}" for k, v in by_n.items()))
+    if "fidelity" in metrics:
+        print(f"  fidelity {metrics['fidelity']:.3f} (pixels that are background or a palette colour)")
     print(f"  ({int(metrics['images'])} images, {metrics['seconds']:.1f} s)")
 
 

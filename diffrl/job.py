@@ -8,7 +8,9 @@ services instead. Under ``ray job submit`` set ``ray.address=auto``.
 
 The run folder holds: config.yaml (resolved), metrics.jsonl (one line per learner step and per
 evaluation), eval.jsonl, grids/ (image grids of held-out prompts with fixed seeds), checkpoints/,
-logs/ (reward servers), endpoints.json (metrics URLs), summary.json.
+logs/ (reward servers), endpoints.json (metrics URLs), prometheus_targets.json (the same as Prometheus
+file_sd targets; also written to OUTPUT_DIR/prometheus/RUN_NAME.json while the run is live, see
+diffrl/monitoring.py), summary.json.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from diffrl.config import to_yaml
 from diffrl.embedded_redis import EmbeddedRedis
 from diffrl.learner_actor import LearnerActor, LearnerSpec
 from diffrl.local_stack import LocalRewardServer, free_port
+from diffrl.monitoring import METRICS_HOST_ENV, remove_prometheus_sd, write_prometheus_targets
 from diffrl.schema import TrainConfig
 from reward_servers.client import RewardClientConfig, RewardEndpointConfig
 
@@ -36,7 +39,7 @@ log = logging.getLogger(__name__)
 
 # Environment every Ray worker of the job gets (CPU DeepSpeed, no hub, no tokenizer threads).
 WORKER_ENV = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "REDIS_URL",
-              "DIFFRL_REWARD_TOKEN")
+              "DIFFRL_REWARD_TOKEN", METRICS_HOST_ENV)
 
 
 def prepare_run_dir(cfg: TrainConfig) -> Path:
@@ -146,16 +149,20 @@ def train(cfg: TrainConfig) -> Path:
                              redis_url=redis_url, stream=cfg.redis.stream, consumer_group=cfg.redis.consumer_group,
                              weights_channel=channel, model=cfg.model,
                              sampler=replace(cfg.sampler, seed=cfg.sampler.seed + 1000 * cfg.run.seed),
-                             rewards=rewards)
+                             rewards=rewards, lora=cfg.learner.lora)
                  for i in range(cfg.sampler.num_samplers)]
         samplers = spawn_samplers(specs, cfg.sampler)
         sampler_runs = [s.run.remote() for s in samplers]
         stack.callback(_stop_samplers, samplers, sampler_runs)
         sampler_status = ray.get([s.status.remote() for s in samplers])
-        endpoints = {"learner_metrics": f"http://127.0.0.1:{statuses[0]['metrics_port']}/metrics",
+        lr0 = statuses[0]
+        endpoints = {"learner_metrics": f"http://{lr0['metrics_host']}:{lr0['metrics_port']}/metrics",
                      "redis": redis_url, "rewards": {e.name: e.urls for e in rewards.rewards},
-                     "sampler_metrics": [f"http://127.0.0.1:{s['metrics_port']}/metrics" for s in sampler_status]}
+                     "sampler_metrics": [f"http://{s['metrics_host']}:{s['metrics_port']}/metrics"
+                                         for s in sampler_status]}
         (run_dir / "endpoints.json").write_text(json.dumps(endpoints, indent=2))
+        sd_file = write_prometheus_targets(run_dir, Path(cfg.run.output_dir), endpoints)
+        stack.callback(remove_prometheus_sd, sd_file)
         summary["start_step"] = step
         summary["sampler_versions_start"] = [s["version"] for s in sampler_status]
 

@@ -81,12 +81,15 @@ class LearnerActor:
         self.resumed_step = self.learner.resume(spec.run_dir) if spec.resume else None
         if self.resumed_step:
             self.learner.publish()  # samplers continue from the checkpoint's p_samp
-        self.metrics_port = None
+        self.metrics_port = self.metrics_host = None
         if spec.metrics_port >= 0:
             from prometheus_client import start_http_server
 
-            server, _ = start_http_server(spec.metrics_port, addr="127.0.0.1")
+            from diffrl.monitoring import advertised_host, metrics_bind_host
+
+            server, _ = start_http_server(spec.metrics_port, addr=metrics_bind_host())
             self.metrics_port = server.server_port
+            self.metrics_host = advertised_host()
 
     def step(self, max_wait_s: float = 300.0) -> dict | None:
         """Poll until one optimizer step is taken (stats) or ``max_wait_s`` passes (None)."""
@@ -98,10 +101,14 @@ class LearnerActor:
         return None
 
     def evaluate(self, grid_path: str | None = None) -> dict[str, float]:
-        """Held-out accuracy of p_samp (what the samplers use) with the fixed eval seeds."""
+        """Held-out accuracy of p_samp (what the samplers use) with the fixed eval seeds; also set as the
+        ``diffrl_learner_eval_*`` gauges of this process's /metrics."""
         from diffrl.evaluation import evaluate
+        from diffrl.monitoring import EvalMetrics
 
-        return evaluate(self.model, self.spec.eval, transformer=self.learner.p_samp, grid_path=grid_path)
+        metrics = evaluate(self.model, self.spec.eval, transformer=self.learner.p_samp, grid_path=grid_path)
+        EvalMetrics.for_registry().observe(metrics, step=self.learner.step)
+        return metrics
 
     def finish(self) -> int:
         """Checkpoint what is not yet covered (acknowledging its entries); returns the step."""
@@ -115,4 +122,5 @@ class LearnerActor:
         lr = self.learner
         return {"rank": self.spec.rank, "step": lr.step, "counters": dict(lr.counters),
                 "pending_ack": len(lr.pending_entry_ids), "buffered": lr.buffered,
-                "metrics_port": self.metrics_port, "resumed_step": self.resumed_step, "pid": os.getpid()}
+                "metrics_host": self.metrics_host, "metrics_port": self.metrics_port,
+                "resumed_step": self.resumed_step, "pid": os.getpid()}

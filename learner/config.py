@@ -20,46 +20,12 @@ not wired into the learner yet)."""
 DTYPES = ("auto", "float32", "bfloat16")
 DEVICES_HINT = "auto|cpu|cuda[:N]"
 
-# Attention projections of the SD3 joint-attention blocks (image stream and text stream).
-SD3_ATTENTION_TARGETS = [
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-]
+from models.lora import SD3_ATTENTION_TARGETS, LoraConfig  # noqa: F401 - part of the learner config
 
 
 def _require(condition: bool, name: str, expected: str, got: object = None) -> None:
     if not condition:
         raise ValueError(f"{name}: expected {expected}, got {got!r}")
-
-
-@dataclass
-class LoraConfig:
-    """LoRA adapters (peft) on the denoiser's attention projections; the base weights stay frozen."""
-
-    enabled: bool = False
-    """Train LoRA adapters instead of every weight of the denoiser (full fine-tune when off)."""
-    rank: int = 32
-    """LoRA rank r."""
-    alpha: float = 64.0
-    """LoRA alpha; the adapter's output is scaled by alpha / rank."""
-    dropout: float = 0.0
-    """Dropout on the adapter input during training (0 keeps θ deterministic, which CRD assumes)."""
-    target_modules: list[str] = field(default_factory=lambda: list(SD3_ATTENTION_TARGETS))
-    """Module-name suffixes that get adapters (peft ``target_modules``); the default is every attention
-    projection of the SD3 joint blocks (q, k, v, out of the image and the text stream)."""
-
-    def validate(self) -> None:
-        _require(self.rank >= 1, "rank", "an int >= 1", self.rank)
-        _require(self.alpha > 0, "alpha", "a float > 0", self.alpha)
-        _require(0.0 <= self.dropout < 1.0, "dropout", "a float in [0, 1)", self.dropout)
-        _require(len(self.target_modules) > 0 and all(isinstance(t, str) and t for t in self.target_modules),
-                 "target_modules", "a non-empty list of module-name suffixes", self.target_modules)
 
 
 @dataclass

@@ -219,22 +219,10 @@ class Learner:
         self.metrics.policy_version.set(0)
 
     # ================================================================ construction
-    def _peft_config(self):
-        import peft
-
-        lc = self.config.lora
-        return peft.LoraConfig(r=lc.rank, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                               target_modules=list(lc.target_modules))
-
     def _inject_lora(self, module: nn.Module) -> nn.Module:
-        from peft import inject_adapter_in_model
+        from models.lora import inject_lora
 
-        module = inject_adapter_in_model(self._peft_config(), module)
-        n_adapters = sum(1 for n, _ in module.named_parameters() if ".lora_" in n)
-        if n_adapters == 0:
-            raise ValueError(f"lora.target_modules: expected names of modules in the denoiser, "
-                             f"got {list(self.config.lora.target_modules)} (nothing matched)")
-        return module
+        return inject_lora(module, self.config.lora)
 
     def _build_theta(self) -> nn.Module:
         if self.is_lora:

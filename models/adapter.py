@@ -1,5 +1,6 @@
-"""One adapter over SD3-family flow pipelines (real SD3/SD3.5 loaded from a local path or hub id, and
-the shapes-world base model, which is a small StableDiffusion3Pipeline in pixel space).
+"""One adapter over text-to-image flow pipelines: real SD3/SD3.5 (StableDiffusion3Pipeline, loaded from
+a local path or a hub id) and the shapes-world base model (a FlowUNetPipeline: a small UNet in pixel
+space with SD3's CLIP text-encoder pair). Both encode prompts the SD3 way (token embeddings + pooled).
 
 Rectified-flow notation (ALGORITHMS.md): x_σ = (1 − σ)·x0 + σ·ε, velocity target u = ε − x0, and the
 network v(x_σ, σ, c). Sampling integrates dx/dσ = v from σ = 1 (noise) to σ = 0 with Euler steps.
@@ -56,10 +57,13 @@ class PromptEmbeds:
         return PromptEmbeds(torch.cat([p.hidden for p in parts]), torch.cat([p.pooled for p in parts]))
 
 
-def load_sd3_pipeline(path: str, dtype: torch.dtype = torch.float32):
-    """StableDiffusion3Pipeline from a local folder (optional components absent from model_index.json
-    become None) or from a hub id (only where the hub is reachable)."""
+def load_pipeline(path: str, dtype: torch.dtype = torch.float32):
+    """The pipeline in a local diffusers folder (a FlowUNetPipeline or a StableDiffusion3Pipeline whose
+    optional components absent from model_index.json become None), or an SD3 hub id where the hub is
+    reachable."""
     from diffusers import StableDiffusion3Pipeline
+
+    from models.flow_pipeline import FlowUNetPipeline
 
     folder = Path(path)
     kwargs: dict = {"dtype": dtype}
@@ -68,11 +72,24 @@ def load_sd3_pipeline(path: str, dtype: torch.dtype = torch.float32):
         if not index_file.is_file():
             raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
         index = json.loads(index_file.read_text())
+        if index.get("_class_name") == FlowUNetPipeline.__name__:
+            return FlowUNetPipeline.from_pretrained(str(path), **kwargs)
         for name in OPTIONAL_COMPONENTS:
             entry = index.get(name)
             if entry is None or entry == [None, None] or not (folder / name).exists():
                 kwargs[name] = None
+    elif not str(path).count("/") == 1:
+        raise FileNotFoundError(f"model path {path!r}: no such folder (nor an org/name hub id)")
     return StableDiffusion3Pipeline.from_pretrained(str(path), **kwargs)
+
+
+def denoise(net: nn.Module, x: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor,
+            pooled: torch.Tensor) -> torch.Tensor:
+    """One forward of an SD3 transformer or a text-conditioned UNet: the velocity [B, C, H, W]."""
+    if hasattr(net, "config") and hasattr(net.config, "pooled_projection_dim"):  # SD3Transformer2DModel
+        return net(hidden_states=x, timestep=timestep, encoder_hidden_states=hidden, pooled_projections=pooled,
+                   return_dict=False)[0]
+    return net(x, timestep, encoder_hidden_states=hidden, class_labels=pooled, return_dict=False)[0]
 
 
 class FlowModel:
@@ -88,7 +105,8 @@ class FlowModel:
             module = getattr(pipe, name, None)
             if module is not None:
                 module.requires_grad_(False).eval().to(self.device)
-        pipe.transformer.to(self.device, dtype)
+        self.denoiser_name = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+        self.transformer.to(self.device, dtype)
         self._prompt_cache: OrderedDict[str, PromptEmbeds] = OrderedDict()
         self._prompt_cache_size = prompt_cache_size
 
@@ -97,7 +115,7 @@ class FlowModel:
     def from_pretrained(cls, path: str, device: str = "auto", dtype: str = "float32",
                         max_sequence_length: int = 0) -> "FlowModel":
         torch_dtype = DTYPES[dtype]
-        pipe = load_sd3_pipeline(path, dtype=torch.float32)
+        pipe = load_pipeline(path, dtype=torch.float32)
         return cls(pipe, resolve_device(device), torch_dtype, max_sequence_length)
 
     @classmethod
@@ -106,18 +124,19 @@ class FlowModel:
 
     def save_pretrained(self, path: str | Path, transformer: nn.Module | None = None) -> None:
         """Save the pipeline in diffusers format, optionally with another denoiser in it."""
-        original = self.pipe.transformer
+        original = self.transformer
         if transformer is not None:
-            self.pipe.transformer = transformer
+            setattr(self.pipe, self.denoiser_name, transformer)
         try:
             self.pipe.save_pretrained(str(path))
         finally:
-            self.pipe.transformer = original
+            setattr(self.pipe, self.denoiser_name, original)
 
     # ----------------------------------------------------------------- properties
     @property
     def transformer(self) -> nn.Module:
-        return self.pipe.transformer
+        """The denoiser (an SD3 transformer or a UNet); the name follows SD3."""
+        return getattr(self.pipe, self.denoiser_name)
 
     @property
     def vae(self):
@@ -168,14 +187,8 @@ class FlowModel:
         """v(x_σ, σ, c). x: [B, C, H, W], sigma: [B] in [0, 1]."""
         net = transformer if transformer is not None else self.transformer
         timestep = sigma.to(self.device, torch.float32) * self.num_train_timesteps  # [B]
-        out = net(
-            hidden_states=x.to(self.device, self.dtype),
-            timestep=timestep,
-            encoder_hidden_states=cond.hidden.to(self.device, self.dtype),
-            pooled_projections=cond.pooled.to(self.device, self.dtype),
-            return_dict=False,
-        )[0]
-        return out  # [B, C, H, W]
+        return denoise(net, x.to(self.device, self.dtype), timestep, cond.hidden.to(self.device, self.dtype),
+                       cond.pooled.to(self.device, self.dtype))  # [B, C, H, W]
 
     def guided_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds, scale: float,
                         transformer: nn.Module | None = None, uncond: PromptEmbeds | None = None

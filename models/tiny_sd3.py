@@ -8,7 +8,7 @@ scheduler. Tests build the same thing with random weights to exercise the SD3 co
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -128,29 +128,35 @@ def write_clip_tokenizer(folder: str | Path, words: Iterable[str] = DEFAULT_WORD
     return tok
 
 
-def build_tiny_sd3(arch: TinySD3Arch, workdir: str | Path, seed: int = 0):
-    """A randomly initialised StableDiffusion3Pipeline of the given sizes (pixel space, no VAE, no T5).
-    ``workdir`` receives the tokenizer files."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+def _clip_text_encoders(workdir: str | Path, hidden: int, layers: int, heads: int, projection: int,
+                        max_tokens: int):
+    """A locally written tokenizer and two small CLIPTextModelWithProjection encoders (SD3's CLIP pair)."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    arch.validate()
-    torch.manual_seed(seed)
-    tokenizer = write_clip_tokenizer(Path(workdir) / "tokenizer", max_length=arch.max_tokens)
+    tokenizer = write_clip_tokenizer(Path(workdir) / "tokenizer", max_length=max_tokens)
     text_config = CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=arch.text_hidden,
-        intermediate_size=arch.text_hidden * 4,
-        num_hidden_layers=arch.text_layers,
-        num_attention_heads=arch.text_heads,
-        max_position_embeddings=arch.max_tokens,
-        projection_dim=arch.text_projection,
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=max_tokens,
+        projection_dim=projection,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    text_encoder = CLIPTextModelWithProjection(text_config)
-    text_encoder_2 = CLIPTextModelWithProjection(text_config)
+    return tokenizer, CLIPTextModelWithProjection(text_config), CLIPTextModelWithProjection(text_config)
+
+
+def build_tiny_sd3(arch: TinySD3Arch, workdir: str | Path, seed: int = 0):
+    """A randomly initialised StableDiffusion3Pipeline of the given sizes (pixel space, no VAE, no T5).
+    ``workdir`` receives the tokenizer files."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    arch.validate()
+    torch.manual_seed(seed)
+    tokenizer, text_encoder, text_encoder_2 = _clip_text_encoders(
+        workdir, arch.text_hidden, arch.text_layers, arch.text_heads, arch.text_projection, arch.max_tokens)
     transformer = SD3Transformer2DModel(
         sample_size=arch.image_size,
         patch_size=arch.patch_size,
@@ -176,3 +182,71 @@ def build_tiny_sd3(arch: TinySD3Arch, workdir: str | Path, seed: int = 0):
         text_encoder_3=None,
         tokenizer_3=None,
     )
+
+
+@dataclass
+class TinyUNetArch:
+    """Sizes of a small text-conditioned UNet flow pipeline (the shapes-world base model)."""
+
+    image_size: int = 32
+    """Image side in pixels (the UNet works in pixel space)."""
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64])
+    """UNet block widths, full resolution first; each further block halves the resolution."""
+    layers_per_block: int = 1
+    """ResNet layers per UNet block."""
+    attention_head_dim: int = 16
+    """Channels per cross-attention head (cross-attention to the prompt tokens at the lowest
+    resolution and in the middle block)."""
+    text_hidden: int = 64
+    """Hidden width of each of the two CLIP text encoders (cross_attention_dim = 2 x this)."""
+    text_layers: int = 2
+    """Layers of each CLIP text encoder (the penultimate hidden state is used, as in SD3)."""
+    text_heads: int = 2
+    """Attention heads of each CLIP text encoder."""
+    text_projection: int = 64
+    """Pooled projection width of each CLIP encoder; the pooled pair (2 x this) is added to the time
+    embedding."""
+    max_tokens: int = 16
+    """Tokenizer max length (prompt tokens incl. start/end)."""
+
+    def validate(self) -> None:
+        require(len(self.channels) >= 2 and all(c >= 4 and c % 4 == 0 for c in self.channels), "channels",
+                "at least two widths, each a multiple of 4", list(self.channels))
+        require(self.image_size % 2 ** (len(self.channels) - 1) == 0, "image_size",
+                "divisible by 2^(len(channels) - 1)", self.image_size)
+        require(self.layers_per_block >= 1, "layers_per_block", "an int >= 1", self.layers_per_block)
+        require(self.attention_head_dim >= 1 and self.channels[-1] % self.attention_head_dim == 0,
+                "attention_head_dim", "a divisor of the last channel width", self.attention_head_dim)
+        require(self.text_layers >= 2, "text_layers", "an int >= 2")
+        require(self.text_hidden % self.text_heads == 0, "text_hidden", "a multiple of text_heads")
+        require(self.max_tokens >= 4, "max_tokens", "an int >= 4", self.max_tokens)
+
+
+def build_tiny_unet(arch: TinyUNetArch, workdir: str | Path, seed: int = 0):
+    """A randomly initialised :class:`models.flow_pipeline.FlowUNetPipeline` of the given sizes."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
+
+    from models.flow_pipeline import FlowUNetPipeline
+
+    arch.validate()
+    torch.manual_seed(seed)
+    tokenizer, text_encoder, text_encoder_2 = _clip_text_encoders(
+        workdir, arch.text_hidden, arch.text_layers, arch.text_heads, arch.text_projection, arch.max_tokens)
+    n = len(arch.channels)
+    unet = UNet2DConditionModel(
+        sample_size=arch.image_size,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=tuple(arch.channels),
+        layers_per_block=arch.layers_per_block,
+        down_block_types=("DownBlock2D",) * (n - 1) + ("CrossAttnDownBlock2D",),
+        up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (n - 1),
+        cross_attention_dim=2 * arch.text_hidden,
+        attention_head_dim=arch.attention_head_dim,
+        norm_num_groups=min(8, arch.channels[0]),
+        class_embed_type="projection",
+        projection_class_embeddings_input_dim=2 * arch.text_projection,
+    )
+    return FlowUNetPipeline(unet=unet, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+                            text_encoder=text_encoder, tokenizer=tokenizer,
+                            text_encoder_2=text_encoder_2, tokenizer_2=tokenizer)

@@ -30,6 +30,10 @@ CLIENT_EJECTIONS = "diffrl_reward_client_ejections_total"
 CLIENT_READMISSIONS = "diffrl_reward_client_readmissions_total"
 CLIENT_DURATION = "diffrl_reward_client_request_duration_seconds"
 
+INITIAL_ERROR_KINDS = ("internal", "item_error", "overloaded")
+"""Error kinds a server exports at 0 before any occurs (scorer crashes, per-item failures, refusals
+under load); other kinds (bad requests) appear when they first happen."""
+
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -60,6 +64,8 @@ class ServerMetrics:
             buckets=_LATENCY_BUCKETS, registry=r)
         self.errors = Counter(ERRORS[:-len("_total")], "Refused requests and failed items, by kind.",
                               ["reward", "kind"], registry=r)
+        for kind in INITIAL_ERROR_KINDS:  # exported as 0 from the start, so error rates are 0, not absent
+            self.errors.labels(reward, kind)
         self.pending = Gauge(PENDING, "Images admitted and not yet scored.", ["reward"], registry=r,
                              multiprocess_mode="livesum")
 

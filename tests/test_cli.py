@@ -24,7 +24,7 @@ def test_help_lists_commands_and_config_keys():
         assert command in out.stdout
     out = run("pretrain", "--help")
     assert out.returncode == 0
-    assert "arch.num_layers" in out.stdout and "transformer blocks" in out.stdout
+    assert "unet.channels" in out.stdout and "transformer blocks" in out.stdout
 
 
 @pytest.mark.parametrize(
@@ -32,7 +32,7 @@ def test_help_lists_commands_and_config_keys():
     [
         (["eval", "eval.splitt=eval"], "eval.splitt"),
         (["eval", "eval.seeds_per_prompt=0"], "eval.seeds_per_prompt"),
-        (["pretrain", "arch.num_heads=two"], "arch.num_heads"),
+        (["pretrain", "sd3.num_heads=two"], "sd3.num_heads"),
     ],
 )
 def test_bad_config_fails_fast_with_the_field_name(args, field):

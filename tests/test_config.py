@@ -9,28 +9,30 @@ from diffrl.config import ConfigError, describe, field_docs, load_config, to_yam
 from diffrl.evaluation import EvalConfig
 from models.config import ModelConfig, SamplingConfig
 from models.pretrain import PretrainConfig
-from models.tiny_sd3 import TinySD3Arch
+from models.tiny_sd3 import TinySD3Arch, TinyUNetArch
 
 
 def test_defaults_recipe_and_overrides(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("batch_size: 32\narch:\n  num_layers: 2\n")
-    cfg = load_config(PretrainConfig, recipe, ["lr=1e-4", "arch.patch_size=2", "batch_size=8"])
-    assert isinstance(cfg, PretrainConfig) and isinstance(cfg.arch, TinySD3Arch)
+    recipe.write_text("batch_size: 32\nsd3:\n  num_layers: 2\n")
+    cfg = load_config(PretrainConfig, recipe, ["lr=1e-4", "sd3.patch_size=2", "batch_size=8"])
+    assert isinstance(cfg, PretrainConfig) and isinstance(cfg.sd3, TinySD3Arch)
     assert cfg.batch_size == 8  # override beats recipe
-    assert cfg.arch.num_layers == 2  # recipe beats default
+    assert cfg.sd3.num_layers == 2  # recipe beats default
     assert cfg.lr == pytest.approx(1e-4)  # "1e-4" parsed as a float
-    assert cfg.arch.patch_size == 2
+    assert cfg.sd3.patch_size == 2
     assert cfg.warmup_steps == PretrainConfig().warmup_steps
 
 
 @pytest.mark.parametrize(
     "overrides, field",
     [
-        (["arch.num_layerz=2"], "arch.num_layerz"),  # unknown key
+        (["sd3.num_layerz=2"], "sd3.num_layerz"),  # unknown key
         (["batch_size=lots"], "batch_size"),  # wrong type
         (["lr=-1"], "lr"),  # validate() range
-        (["arch.patch_size=5"], "arch.image_size"),  # cross-field rule
+        (["sd3.patch_size=5"], "sd3.image_size"),
+        (["unet.channels=[16,30]"], "unet.channels"),
+        (["denoiser=vit"], "denoiser"),  # cross-field rule
         (["prompt_dropout=1.5"], "prompt_dropout"),
     ],
 )
@@ -43,10 +45,10 @@ def test_errors_name_the_dotted_field(overrides, field):
 
 def test_unknown_key_in_recipe_and_missing_recipe(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("arch:\n  wings: 3\n")
+    recipe.write_text("unet:\n  wings: 3\n")
     with pytest.raises(ConfigError) as err:
         load_config(PretrainConfig, recipe)
-    assert err.value.field == "arch.wings"
+    assert err.value.field == "unet.wings"
     with pytest.raises(ConfigError, match="recipe not found"):
         load_config(PretrainConfig, tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="key.sub=value"):
@@ -54,13 +56,13 @@ def test_unknown_key_in_recipe_and_missing_recipe(tmp_path):
 
 
 def test_round_trip_through_yaml(tmp_path):
-    cfg = load_config(PretrainConfig, None, ["arch.num_heads=2", "seed=7"])
+    cfg = load_config(PretrainConfig, None, ["sd3.num_heads=2", "unet.channels=[8,16]", "seed=7"])
     path = tmp_path / "resolved.yaml"
     path.write_text(to_yaml(cfg))
     assert load_config(PretrainConfig, path) == cfg
 
 
-CONFIG_CLASSES = [PretrainConfig, TinySD3Arch, ModelConfig, SamplingConfig, EvalConfig]
+CONFIG_CLASSES = [PretrainConfig, TinySD3Arch, TinyUNetArch, ModelConfig, SamplingConfig, EvalConfig]
 
 
 @pytest.mark.parametrize("cls", CONFIG_CLASSES, ids=lambda c: c.__name__)
@@ -72,7 +74,7 @@ def test_every_field_has_a_docstring(cls):
 
 def test_describe_lists_nested_keys():
     keys = {row[0] for row in describe(PretrainConfig)}
-    assert {"lr", "arch.num_layers", "arch.patch_size"} <= keys
+    assert {"lr", "sd3.num_layers", "unet.channels", "unet.text_hidden"} <= keys
 
 
 def test_shipped_recipes_load():

@@ -143,3 +143,41 @@ def test_backpressure_pauses_until_the_learner_catches_up(model, shapes_server, 
         assert sampler.metrics.backpressure._value.get() >= 0.9
     finally:
         client.close()
+
+
+def test_lora_update_is_applied_exactly(tmp_path):
+    """A kind=lora update (peft naming, as the learner publishes) gives the sampler the same denoiser."""
+    import copy
+
+    from peft import get_peft_model_state_dict
+
+    from models.lora import LoraConfig, inject_lora
+
+    pipe = build_tiny_sd3(TinySD3Arch(num_layers=1, num_heads=2, head_dim=16, text_hidden=32, text_projection=16),
+                          tmp_path / "w")
+    pipe.save_pretrained(str(tmp_path / "m"))
+    model = FlowModel.from_pretrained(str(tmp_path / "m"), device="cpu")
+    lora = LoraConfig(enabled=True, rank=2, alpha=4.0)
+    trained = inject_lora(copy.deepcopy(model.transformer), lora)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if ".lora_" in name:
+                p.normal_(0, 0.1)
+    weights = LocalWeightChannel()
+    weights.publish(3, get_peft_model_state_dict(trained), kind="lora")
+
+    class NoSink:
+        def publish(self, group):
+            return ""
+
+        def backlog(self):
+            return 0
+
+    sampler = Sampler("s-lora", SamplerConfig(k=2), model, scorer=None, sink=NoSink(),
+                      prompts=PromptSource(train_prompts(), 0, 1), weights=weights, lora=lora)
+    assert sampler.maybe_update_weights() and sampler.version == 3
+    x, sigma = torch.randn(2, 3, 32, 32), torch.tensor([0.2, 0.9])
+    cond = model.encode_prompts(["a red circle", "two blue squares"])
+    with torch.no_grad():
+        assert torch.allclose(model.velocity(x, sigma, cond), model.velocity(x, sigma, cond, transformer=trained),
+                              atol=1e-6)
