@@ -24,6 +24,12 @@ class SamplerConfig:
     """Backpressure: a sampler waits while the stream holds more unconsumed groups than this."""
     backpressure_poll_s: float = 0.2
     """How often a paused sampler looks at the backlog again, seconds."""
+    masked_backoff_s: float = 1.0
+    """Pause after a round whose groups were all masked (a reward is down), seconds; it doubles with
+    each such round in a row up to masked_backoff_max_s and resets after a round with a scored group
+    (0 = no pause). Counted in diffrl_sampler_masked_backoff_seconds_total."""
+    masked_backoff_max_s: float = 30.0
+    """Longest pause after all-masked rounds, seconds."""
     num_cpus: float = 1.0
     """CPUs Ray reserves for each sampler actor."""
     num_gpus: float = 0.0
@@ -44,6 +50,9 @@ class SamplerConfig:
         require(self.prompt_split in ("train", "eval", "all"), "prompt_split", "train|eval|all", self.prompt_split)
         require(self.max_pending_groups >= 1, "max_pending_groups", "an int >= 1", self.max_pending_groups)
         require(self.backpressure_poll_s > 0, "backpressure_poll_s", "seconds > 0")
+        require(self.masked_backoff_s >= 0, "masked_backoff_s", "seconds >= 0", self.masked_backoff_s)
+        require(self.masked_backoff_max_s >= self.masked_backoff_s, "masked_backoff_max_s",
+                "seconds >= masked_backoff_s", self.masked_backoff_max_s)
         require(self.num_cpus >= 0 and self.num_gpus >= 0, "num_cpus", "non-negative resources")
         require(self.torch_threads >= 1, "torch_threads", "an int >= 1", self.torch_threads)
         require(self.max_restarts >= -1, "max_restarts", "an int >= -1 (-1: forever)")

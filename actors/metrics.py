@@ -15,6 +15,8 @@ BACKPRESSURE_SECONDS = "diffrl_sampler_backpressure_seconds_total"
 POLICY_VERSION = "diffrl_sampler_policy_version"
 WEIGHT_UPDATES = "diffrl_sampler_weight_updates_total"
 REWARD_MEAN = "diffrl_sampler_reward_mean"
+MASKED_BACKOFFS = "diffrl_sampler_masked_backoffs_total"
+MASKED_BACKOFF_SECONDS = "diffrl_sampler_masked_backoff_seconds_total"
 
 
 def _base(name: str) -> str:
@@ -42,6 +44,10 @@ class _Families:
         self.weight_updates = Counter(_base(WEIGHT_UPDATES), "Newer p_samp versions loaded.", labels, registry=r)
         self.reward_mean = Gauge(REWARD_MEAN, "Mean of each reward over the last round's unmasked groups.",
                                  labels + ["reward"], registry=r)
+        self.masked_backoffs = Counter(_base(MASKED_BACKOFFS), "Pauses after a round whose groups were all "
+                                       "masked.", labels, registry=r)
+        self.masked_backoff_seconds = Counter(_base(MASKED_BACKOFF_SECONDS), "Time paused after rounds whose "
+                                              "groups were all masked.", labels, registry=r)
 
 
 _FAMILIES: dict[int, _Families] = {}
@@ -65,3 +71,5 @@ class SamplerMetrics:
         self.version = f.version.labels(sampler_id)
         self.weight_updates = f.weight_updates.labels(sampler_id)
         self.reward_mean = f.reward_mean
+        self.masked_backoffs = f.masked_backoffs.labels(sampler_id)
+        self.masked_backoff_seconds = f.masked_backoff_seconds.labels(sampler_id)

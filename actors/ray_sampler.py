@@ -11,6 +11,7 @@ from actors.config import SamplerConfig
 from diffrl.config import load_config_text
 from models.config import ModelConfig
 from models.lora import LoraConfig
+from proto.bus import RetryPolicy
 from reward_servers.client import RewardClientConfig
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ class SamplerSpec:
     """Redis stream of the groups."""
     consumer_group: str = "learner"
     """Consumer group whose backlog drives backpressure."""
+    bus_retry: RetryPolicy = field(default_factory=RetryPolicy)
+    """How publishing rides out an unreachable Redis."""
     weights_channel: str = "diffrl-weights"
     """Name of the Ray weight channel actor ('' = never update weights)."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -59,7 +62,8 @@ def build_sampler(spec: SamplerSpec):
 
     torch.set_num_threads(spec.sampler.torch_threads)
     model = FlowModel.from_config(spec.model)
-    producer = ExperienceProducer(connect(spec.redis_url), stream=spec.stream, consumer_group=spec.consumer_group)
+    producer = ExperienceProducer(connect(spec.redis_url), stream=spec.stream, consumer_group=spec.consumer_group,
+                                  retry=spec.bus_retry)
     weights = None
     if spec.weights_channel:
         from proto.weight_sync import RayWeightChannel
@@ -99,6 +103,9 @@ class SamplerActor:
     def status(self) -> dict:
         s = self.sampler
         return {"sampler_id": s.id, "version": s.version, "rounds": s.rounds, "published": s.published,
+                "busy_seconds": s.busy_seconds, "paused_seconds": s.paused_seconds,
+                "masked_backoffs": s.masked_backoffs, "masked_backoff_seconds": s.masked_backoff_seconds,
+                "bus_retries": getattr(s.sink, "retries_total", 0),
                 "incarnation": s.incarnation, "pid": os.getpid(), "metrics_port": self.metrics_port,
                 "metrics_host": self.metrics_host}
 

@@ -86,6 +86,11 @@ class Sampler:
         self.version = 0  # p_samp version in use; 0 = the base model
         self.rounds = 0
         self.published = 0
+        self.busy_seconds = 0.0  # sampling, decoding, scoring, publishing
+        self.paused_seconds = 0.0  # backpressure
+        self.masked_backoffs = 0  # pauses after all-masked rounds
+        self.masked_backoff_seconds = 0.0
+        self._next_backoff = cfg.masked_backoff_s
         self._stop = threading.Event()
         self.metrics.version.set(self.version)
 
@@ -201,12 +206,34 @@ class Sampler:
         self.metrics.round_seconds.observe(result.seconds)
         self.rounds += 1
         self.published += result.groups
+        self.busy_seconds += result.seconds - result.paused_seconds
+        self.paused_seconds += result.paused_seconds
         return result
+
+    def backoff_after(self, result: RoundResult) -> float:
+        """After a round whose groups were all masked (a reward is down), pause before sampling more
+        (exponential, capped; reset by a round with a scored group). Returns seconds paused."""
+        if result.groups == 0 or result.masked < result.groups or self.cfg.masked_backoff_s <= 0:
+            if result.groups:
+                self._next_backoff = self.cfg.masked_backoff_s
+            return 0.0
+        delay = self._next_backoff
+        self._next_backoff = min(delay * 2, self.cfg.masked_backoff_max_s)
+        log.warning("sampler %s: all %d groups of the round were masked; pausing %.1f s", self.id,
+                    result.groups, delay)
+        start = time.perf_counter()
+        self._stop.wait(delay)
+        paused = time.perf_counter() - start
+        self.masked_backoffs += 1
+        self.masked_backoff_seconds += paused
+        self.metrics.masked_backoffs.inc()
+        self.metrics.masked_backoff_seconds.inc(paused)
+        return paused
 
     def run(self, max_rounds: int | None = None) -> int:
         """Sample until stopped (or ``max_rounds``). Returns the rounds done."""
         done = 0
         while not self.stopped and (max_rounds is None or done < max_rounds):
-            self.run_round()
+            self.backoff_after(self.run_round())
             done += 1
         return done

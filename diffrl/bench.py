@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -90,3 +91,40 @@ def bench_sampler(cfg: SamplerBenchConfig) -> dict:
         "efficiency": bound_s / sampler_s,
         "forward_ms": forward_s * 1000,
     }
+
+
+def bench_loop(recipe: str | None, overrides: list[str]) -> dict:
+    """End-to-end throughput of the actor-learner loop on the embedded stack: trains ``run.max_steps``
+    steps without evaluations and reports samples/s, learner step time and idle fraction, and
+    sampler utilisation (busy, paused by backpressure)."""
+    import json
+
+    from diffrl.config import load_config
+    from diffrl.job import train
+    from diffrl.schema import TrainConfig
+
+    cfg = load_config(TrainConfig, recipe, [*overrides, "run.eval_every=0"])
+    run_dir = train(cfg)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [s for s in steps if s.get("kind") == "train"]
+    wall = summary["train_seconds"]
+    step_seconds = [s["step_seconds"] for s in steps]
+    k = cfg.sampler.k
+    trained = summary["learner_counters"]["groups_trained"]
+    busy, paused = summary["sampler_busy_seconds"], summary["sampler_paused_seconds"]
+    result = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "run_dir": str(run_dir),
+        "learner_steps": len(steps),
+        "seconds": wall,
+        "samples_trained_per_s": trained * k / wall,
+        "samples_produced_per_s": summary["groups_published"] * k / wall,
+        "learner_step_seconds_mean": sum(step_seconds) / max(len(step_seconds), 1),
+        "learner_idle_fraction": max(0.0, 1 - sum(step_seconds) / wall),
+        "sampler_utilisation": sum(busy) / (len(busy) * wall),
+        "sampler_paused_fraction": sum(paused) / (len(paused) * wall),
+        "staleness_mean": sum(s.get("staleness_mean", 0.0) for s in steps) / max(len(steps), 1),
+    }
+    (run_dir / "bench_loop.json").write_text(json.dumps(result, indent=2))
+    return result

@@ -58,6 +58,17 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------- train
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (`ray job stop`, a deleted pod) tears the run down like Ctrl-C: reward servers and the
+    embedded Redis are stopped, not orphaned."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from diffrl.job import train
     from diffrl.schema import TrainConfig
@@ -67,6 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and recipe is None and (Path(args.resume) / "config.yaml").is_file():
         recipe = str(Path(args.resume) / "config.yaml")  # a resumed run keeps its recipe
     cfg = load_config(TrainConfig, recipe, [*overrides, *extra])
+    _interrupt_on_sigterm()
     run_dir = train(cfg)
     summary = json.loads((run_dir / "summary.json").read_text())
     print(f"run folder: {run_dir}")
@@ -124,10 +136,20 @@ def cmd_bench_sampler(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_loop(args: argparse.Namespace) -> int:
+    from diffrl.bench import bench_loop
+
+    recipe, overrides = split_recipe(list(args.config))
+    print(json.dumps(bench_loop(recipe or "deploy/configs/shapes-cpu.yaml", overrides), indent=2))
+    return 0
+
+
 # --------------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The embedded default end to end (currently: evaluate the shipped base model)."""
-    return main(["eval", "--model", "assets/shapes-base", "--split", "eval", "output_dir=runs/demo", *args.config])
+    """The embedded default end to end: a short CRD training of the shipped shapes-world base model."""
+    from models.adapter import REPO_ROOT
+
+    return main(["train", str(REPO_ROOT / "deploy" / "configs" / "shapes-cpu.yaml"), *args.config])
 
 
 # --------------------------------------------------------------------------------- parser
@@ -174,11 +196,20 @@ def build_parser() -> argparse.ArgumentParser:
                                      "the bound of num_steps bare transformer forwards.")
     add_config_args(b, SamplerBenchConfig)
     b.set_defaults(func=cmd_bench_sampler)
+    b = bench.add_parser("loop", help="end-to-end samples/s, learner idle fraction, sampler utilisation",
+                         description="Run a short training on the embedded stack (default recipe "
+                                     "deploy/configs/shapes-cpu.yaml, no evaluations) and report its throughput.")
+    add_config_args(b, TrainConfig)
+    b.set_defaults(func=cmd_bench_loop)
 
-    p = sub.add_parser("demo", help="run the embedded default end to end (what `make demo` runs)")
+    p = sub.add_parser("demo", help="a short CRD training on the embedded default (what `make demo` runs)",
+                       description="Same as `diffrl train deploy/configs/shapes-cpu.yaml [overrides]`.")
     p.add_argument("config", nargs="*", help="overrides")
     p.set_defaults(func=cmd_demo)
 
+    from diffrl.status import register as register_status
+
+    register_status(sub)
     for register in _plugins():
         register(sub, bench)
     return parser

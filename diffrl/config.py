@@ -74,6 +74,41 @@ def _validate_tree(obj: Any, path: str = "") -> None:
             raise ConfigError(field, message).under(path) if path else ConfigError(field, message) from err
 
 
+def _locate_in_lists(schema: type, loaded: Any, err: OmegaConfBaseException) -> ConfigError:
+    """OmegaConf names an error inside a list item without the item's path (``token`` for
+    ``rewards[0].token``): find the item by merging each list item into its own schema."""
+    import typing
+
+    def walk(cls: Any, node: Any, path: str) -> ConfigError | None:
+        if not dataclasses.is_dataclass(cls) or not OmegaConf.is_dict(node):
+            return None
+        hints = _resolved_hints(cls)
+        for key in node.keys():
+            ftype, child = hints.get(key), node._get_node(key)
+            args = typing.get_args(ftype)
+            if typing.get_origin(ftype) is list and args and dataclasses.is_dataclass(args[0]) \
+                    and OmegaConf.is_list(child):
+                for i, item in enumerate(child):
+                    try:
+                        OmegaConf.merge(OmegaConf.structured(args[0]), item)
+                    except OmegaConfBaseException as inner:
+                        where = f"{path}{key}.{i}"
+                        return walk(args[0], item, where + ".") or _omegaconf_error(inner).under(where)
+            elif dataclasses.is_dataclass(ftype):
+                if not OmegaConf.is_dict(child) and node[key] is not None:
+                    return ConfigError(f"{path}{key}", f"expected a mapping of {ftype.__name__} keys, "
+                                       f"got {node[key]!r}")
+                found = walk(ftype, child, f"{path}{key}.")
+                if found is not None:
+                    return found
+        return None
+
+    try:
+        return walk(schema, loaded, "") or _omegaconf_error(err)
+    except Exception:  # noqa: BLE001 - locating is best effort; the original error stands
+        return _omegaconf_error(err)
+
+
 def _omegaconf_error(err: OmegaConfBaseException) -> ConfigError:
     key = getattr(err, "full_key", None) or ""
     message = str(err).split("\n")[0].strip()
@@ -103,6 +138,14 @@ def load_config_text(schema: type[T], text: str) -> T:
 _ABSENT = object()
 
 
+def _is_open_mapping(cfg: Any, key: str) -> bool:
+    """Whether ``key``'s parent is a plain dict field (e.g. reward_weights), where new keys are fine."""
+    if "." not in key:
+        return False
+    parent = OmegaConf.select(cfg, key.rsplit(".", 1)[0], default=None)
+    return OmegaConf.is_dict(parent) and OmegaConf.get_type(parent) is dict
+
+
 def _build(schema: type[T], loaded: Any, overrides: Sequence[str], where: str) -> T:
     for item in overrides:
         if "=" not in item:
@@ -112,11 +155,14 @@ def _build(schema: type[T], loaded: Any, overrides: Sequence[str], where: str) -
         if loaded is not None:
             if not OmegaConf.is_dict(loaded):
                 raise ConfigError("", f"{where} must be a YAML mapping")
-            merged = OmegaConf.merge(merged, loaded)
+            try:
+                merged = OmegaConf.merge(merged, loaded)
+            except OmegaConfBaseException as err:
+                raise _locate_in_lists(schema, loaded, err) from None
         for item in overrides:
             key, text = item.split("=", 1)
             value = OmegaConf.from_dotlist([f"v={text}"])["v"]  # YAML-parsed like recipe values
-            if OmegaConf.select(merged, key, default=_ABSENT) is _ABSENT:
+            if OmegaConf.select(merged, key, default=_ABSENT) is _ABSENT and not _is_open_mapping(merged, key):
                 raise ConfigError(key, "no such config key (see --help)")
             OmegaConf.update(merged, key, value, merge=True)
         missing = sorted(OmegaConf.missing_keys(merged))

@@ -86,24 +86,35 @@ def connect(url: str, **kwargs) -> redis.Redis:
     Username, password, database and TLS options in the URL are honoured, e.g.
     ``rediss://:secret@host:6380/0?ssl_cert_reqs=required&ssl_ca_certs=/etc/ca.pem``.
     Responses stay bytes (the bus carries binary protobuf); extra ``kwargs`` go to ``from_url``.
+    redis-py's own silent retries are off: a lost connection surfaces at once, and the bus retries it
+    under its configured, counted policy (``proto.bus.RetryPolicy``); the next command reconnects.
     """
     scheme = urlsplit(url).scheme
     if scheme not in ("redis", "rediss", "unix"):
         raise ValueError(
             f"unsupported Redis URL scheme {scheme!r} in {_redact(url)}: use redis://, rediss:// or unix://"
         )
+    kwargs.setdefault("retry", Retry(NoBackoff(), 0))
     kwargs.setdefault("health_check_interval", 30)
     kwargs.setdefault("socket_connect_timeout", 10)
     return redis.Redis.from_url(url, **kwargs)
 
 
 def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+    except ValueError:  # e.g. a bad port: still hide whatever follows "scheme://" up to "@"
+        return url.split("://", 1)[0] + "://***@" + url.rsplit("@", 1)[-1] if "@" in url else url
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = parts.username or ""
     return parts._replace(netloc=f"{user}:***@{netloc}").geturl()
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***`` (for logs and run-folder files)."""
+    return _redact(url)
 
 
 def _conf_quote(value: str) -> str:

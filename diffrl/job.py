@@ -10,7 +10,14 @@ The run folder holds: config.yaml (resolved), metrics.jsonl (one line per learne
 evaluation), eval.jsonl, grids/ (image grids of held-out prompts with fixed seeds), checkpoints/,
 logs/ (reward servers), endpoints.json (metrics URLs), prometheus_targets.json (the same as Prometheus
 file_sd targets; also written to OUTPUT_DIR/prometheus/RUN_NAME.json while the run is live, see
-diffrl/monitoring.py), summary.json.
+diffrl/monitoring.py), summary.json, ledger.json (the experience ledger: groups produced, each fate,
+pending; balanced at every checkpoint and at the end, see proto/bus.py and docs/reliability.md),
+trained_groups.txt (every committed trained group id, once). Passwords in redis.url are written as ***.
+
+Faults: a sampler actor that dies is restarted by Ray (sampler.max_restarts) and its loop started
+again by the driver (a new incarnation id keeps group ids unique); Redis restarts are ridden out by
+the bus's retries (redis.retry); reward replicas by the reward client; a learner that dies ends the
+run with an error, and ``--resume RUN_DIR`` continues from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -27,8 +34,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from actors.ray_sampler import SamplerSpec, spawn_samplers
-from diffrl.config import to_yaml
-from diffrl.embedded_redis import EmbeddedRedis
+from diffrl.config import ConfigError, to_yaml
+from diffrl.embedded_redis import EmbeddedRedis, redact_url
 from diffrl.learner_actor import LearnerActor, LearnerSpec
 from diffrl.local_stack import LocalRewardServer, free_port
 from diffrl.monitoring import METRICS_HOST_ENV, remove_prometheus_sd, write_prometheus_targets
@@ -89,6 +96,11 @@ def _init_ray(cfg: TrainConfig, stack: contextlib.ExitStack) -> None:
     env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Under `ray job submit` the job's runtime env (deploy/ray/runtime_env.yaml) already reaches every
+    # worker; Ray refuses a ray.init runtime env that sets the same variables again.
+    job_cfg = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    job_env = (job_cfg.get("runtime_env") or {}).get("env_vars") or {}
+    env = {k: v for k, v in env.items() if k not in job_env}
     runtime_env = {"env_vars": env}
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, namespace=cfg.ray.namespace, runtime_env=runtime_env,
@@ -113,7 +125,8 @@ def train(cfg: TrainConfig) -> Path:
     reward_weights = cfg.learner.reward_weights or {r.name: r.weight for r in cfg.rewards}
     cfg = replace(cfg, learner=replace(cfg.learner, reward_weights=reward_weights,
                                        max_steps=cfg.learner.max_steps or cfg.run.max_steps))
-    (run_dir / "config.yaml" if not resuming else run_dir / "config.resumed.yaml").write_text(to_yaml(cfg))
+    shown = replace(cfg, redis=replace(cfg.redis, url=redact_url(cfg.redis.url)))  # no password in the run folder
+    (run_dir / "config.yaml" if not resuming else run_dir / "config.resumed.yaml").write_text(to_yaml(shown))
     (run_dir / "grids").mkdir(exist_ok=True)
     metrics_log = JsonLines(run_dir / "metrics.jsonl")
     eval_log = JsonLines(run_dir / "eval.jsonl")
@@ -124,6 +137,11 @@ def train(cfg: TrainConfig) -> Path:
         stack.callback(metrics_log.close)
         stack.callback(eval_log.close)
         redis_url = cfg.redis.url or os.environ.get("REDIS_URL", "")
+        if ":***@" in redis_url:  # a resumed run's config.yaml: the password was not written there
+            redis_url = os.environ.get("REDIS_URL", "")
+            if not redis_url:
+                raise ConfigError("redis.url", "the password of this URL was redacted in the run folder; "
+                                  "give the URL in $REDIS_URL or as redis.url=...")
         if not redis_url:
             redis = stack.enter_context(EmbeddedRedis(data_dir=run_dir / "redis", port=0))
             redis_url = redis.tcp_url
@@ -139,15 +157,17 @@ def train(cfg: TrainConfig) -> Path:
             spec = LearnerSpec(rank=rank, world_size=world, master_addr=_host_ip(cfg), master_port=master_port,
                                run_dir=str(run_dir), resume=resuming, redis_url=redis_url,
                                stream=cfg.redis.stream, consumer_group=cfg.redis.consumer_group,
+                               bus_retry=cfg.redis.retry,
                                weights_channel=channel, metrics_port=cfg.placement.metrics_port if rank == 0 else -1,
                                model=cfg.model, learner=cfg.learner, eval=cfg.eval)
-            learners.append(learner_cls.options(num_cpus=cfg.placement.num_cpus, num_gpus=cfg.placement.num_gpus,
+            learners.append(learner_cls.options(name=f"learner-{rank}", num_cpus=cfg.placement.num_cpus,
+                                                num_gpus=cfg.placement.num_gpus,
                                                 max_concurrency=1).remote(to_yaml(spec)))
         statuses = ray.get([lr.status.remote() for lr in learners])
         step = int(statuses[0]["step"])
         specs = [SamplerSpec(sampler_id=f"sampler-{i}", shard_index=i, num_shards=cfg.sampler.num_samplers,
                              redis_url=redis_url, stream=cfg.redis.stream, consumer_group=cfg.redis.consumer_group,
-                             weights_channel=channel, model=cfg.model,
+                             bus_retry=cfg.redis.retry, weights_channel=channel, model=cfg.model,
                              sampler=replace(cfg.sampler, seed=cfg.sampler.seed + 1000 * cfg.run.seed),
                              rewards=rewards, lora=cfg.learner.lora)
                  for i in range(cfg.sampler.num_samplers)]
@@ -157,13 +177,15 @@ def train(cfg: TrainConfig) -> Path:
         sampler_status = ray.get([s.status.remote() for s in samplers])
         lr0 = statuses[0]
         endpoints = {"learner_metrics": f"http://{lr0['metrics_host']}:{lr0['metrics_port']}/metrics",
-                     "redis": redis_url, "rewards": {e.name: e.urls for e in rewards.rewards},
+                     "redis": redact_url(redis_url), "rewards": {e.name: e.urls for e in rewards.rewards},
                      "sampler_metrics": [f"http://{s['metrics_host']}:{s['metrics_port']}/metrics"
                                          for s in sampler_status]}
         (run_dir / "endpoints.json").write_text(json.dumps(endpoints, indent=2))
         sd_file = write_prometheus_targets(run_dir, Path(cfg.run.output_dir), endpoints)
         stack.callback(remove_prometheus_sd, sd_file)
         summary["start_step"] = step
+        ledger = _Ledger(run_dir, redis_url, cfg)
+        supervisor = _SamplerSupervisor(samplers, sampler_runs, limit=cfg.sampler.max_restarts + 3)
         summary["sampler_versions_start"] = [s["version"] for s in sampler_status]
 
         def evaluate(at_step: int) -> dict:
@@ -175,16 +197,20 @@ def train(cfg: TrainConfig) -> Path:
 
         if cfg.run.eval_every and not resuming:
             summary["eval_start"] = evaluate(step)
+        train_start = time.time()
         bar = tqdm(total=cfg.learner.max_steps, initial=step, desc="train", unit="step", disable=not cfg.run.progress)
         last: dict = {}
         try:
             while step < cfg.learner.max_steps:
-                if cfg.run.max_seconds and time.time() - start > cfg.run.max_seconds:
+                if cfg.run.max_seconds and time.time() - train_start > cfg.run.max_seconds:
                     break
                 results = ray.get([lr.step.remote() for lr in learners])
+                supervisor.check()
                 if results[0] is None:
                     continue
                 step += 1
+                if cfg.learner.checkpoint_every and step % cfg.learner.checkpoint_every == 0:
+                    ledger.write()
                 last = results[0]
                 metrics_log.write({"step": step, "kind": "train", "time": time.time() - start, **last})
                 bar.update(1)
@@ -194,22 +220,128 @@ def train(cfg: TrainConfig) -> Path:
                     evaluate(step)
         finally:
             bar.close()
+            train_seconds = time.time() - train_start
             _stop_samplers(samplers, sampler_runs)
             step = max(ray.get([lr.finish.remote() for lr in learners]))
         if cfg.run.eval_every:
             summary["eval_end"] = evaluate(step)
-        sampler_status = ray.get([s.status.remote() for s in samplers])
+        sampler_status = _sampler_statuses(samplers)
         learner_status = ray.get([lr.status.remote() for lr in learners])
+        summary["ledger"] = ledger.write(
+            learner_counters=learner_status[0]["counters"], sampler_runs_restarted=supervisor.restarts,
+            bus_retries={"learner": sum(s.get("bus_retries", 0) for s in learner_status),
+                         "samplers": sum(s.get("bus_retries", 0) for s in sampler_status)},
+            sampler_masked_backoffs=sum(s.get("masked_backoffs", 0) for s in sampler_status))
         _save_scrape(endpoints["learner_metrics"], run_dir / "metrics_final.prom")
         ray.get([lr.close.remote() for lr in learners])
         summary.update(
             end_step=step, seconds=time.time() - start, last_train=last,
             sampler_versions_end=[s["version"] for s in sampler_status],
             groups_published=sum(s["published"] for s in sampler_status),
+            sampler_busy_seconds=[s["busy_seconds"] for s in sampler_status],
+            sampler_paused_seconds=[s["paused_seconds"] for s in sampler_status],
+            train_seconds=train_seconds,
             learner_counters=learner_status[0]["counters"],
         )
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     return run_dir
+
+
+class _Ledger:
+    """RUN_DIR/ledger.json: the experience stream's ledger (proto.bus.ledger_snapshot, read atomically
+    from Redis, so it balances at any instant and across restarts of any process) plus the learner's
+    own counters and the trained-group ids recorded in RUN_DIR/trained_groups.txt."""
+
+    def __init__(self, run_dir: Path, redis_url: str, cfg: TrainConfig):
+        from diffrl.embedded_redis import connect
+
+        self.path = run_dir / "ledger.json"
+        self.trained_file = run_dir / "trained_groups.txt"
+        self.redis = connect(redis_url)
+        self.stream, self.group = cfg.redis.stream, cfg.redis.consumer_group
+        self.retry = cfg.redis.retry
+
+    def write(self, **extra) -> dict:
+        from learner.checkpoint import write_json_atomic
+        from proto.bus import ExperienceProducer
+
+        try:
+            snap = ExperienceProducer(self.redis, self.stream, consumer_group=self.group, retry=self.retry).ledger()
+        except Exception as err:  # noqa: BLE001 - the ledger must not end a run
+            log.warning("ledger snapshot failed: %s", err)
+            return {}
+        ids = []
+        if self.trained_file.is_file():
+            ids = [ln.split("\t", 1)[0] for ln in self.trained_file.read_text().splitlines() if ln.strip()]
+        record = {**snap, "time": time.time(),
+                  "trained_groups_file": {"lines": len(ids), "unique": len(set(ids))}, **extra}
+        write_json_atomic(self.path, record)
+        return record
+
+
+def _sampler_statuses(samplers) -> list[dict]:
+    """Each sampler's status; a sampler that is restarting (or gone) reports zeros instead of failing the run."""
+    import collections
+
+    import ray
+
+    out = []
+    for s in samplers:
+        try:
+            out.append(ray.get(s.status.remote(), timeout=120))
+        except Exception as err:  # noqa: BLE001 - ActorUnavailableError, RayActorError, GetTimeoutError
+            log.warning("sampler status unavailable: %s", type(err).__name__)
+            out.append(collections.defaultdict(int, metrics_host="127.0.0.1"))
+    return out
+
+
+class _SamplerSupervisor:
+    """Starts a sampler's loop again when its ``run`` ended with an error: its actor died and Ray is
+    restarting it (sampler.max_restarts; meanwhile calls fail with ActorUnavailableError and are
+    submitted again, without limit), or its loop raised (at most ``limit`` times per sampler; negative:
+    no limit). The restarted actor has a new incarnation id, so its group ids stay unique. Counted
+    per sampler in ``restarts`` (one per death or failure)."""
+
+    SETTLED_S = 30.0  # a loop running this long after a restart counts as recovered
+
+    def __init__(self, samplers, runs: list, limit: int):
+        self.samplers, self.runs, self.limit = samplers, runs, limit
+        self.restarts = [0] * len(samplers)
+        self._failures = [0] * len(samplers)
+        self._restarting = [False] * len(samplers)
+        self._submitted = [time.monotonic()] * len(samplers)
+
+    def _submit(self, i: int) -> None:
+        self.runs[i] = self.samplers[i].run.remote()
+        self._submitted[i] = time.monotonic()
+
+    def check(self) -> None:
+        import ray
+
+        done, _ = ray.wait(list(self.runs), num_returns=len(self.runs), timeout=0)
+        now = time.monotonic()
+        for ref in done:
+            i = next(k for k, r in enumerate(self.runs) if r == ref)
+            try:
+                ray.get(ref)
+                continue  # returned: it was stopped
+            except ray.exceptions.ActorUnavailableError:
+                if not self._restarting[i]:
+                    log.warning("sampler-%d is restarting; its loop will start again", i)
+                    self.restarts[i] += 1
+                    self._restarting[i] = True
+                self._submit(i)
+                continue
+            except Exception as err:  # noqa: BLE001 - RayActorError, RayTaskError, ...
+                if 0 <= self.limit <= self._failures[i]:
+                    continue
+                log.warning("sampler-%d stopped (%s); starting its loop again", i, type(err).__name__)
+                self._failures[i] += 1
+                self.restarts[i] += 1
+                self._submit(i)
+        for i, ref in enumerate(self.runs):
+            if self._restarting[i] and ref not in done and now - self._submitted[i] > self.SETTLED_S:
+                self._restarting[i] = False
 
 
 def _save_scrape(url: str, path: Path) -> None:

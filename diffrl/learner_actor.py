@@ -12,6 +12,7 @@ from diffrl.config import load_config_text
 from diffrl.evaluation import EvalConfig
 from learner.config import LearnerConfig
 from models.config import ModelConfig
+from proto.bus import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ class LearnerSpec:
     """Stream name."""
     consumer_group: str = "learner"
     """Consumer group of the learner ranks."""
+    bus_retry: RetryPolicy = field(default_factory=RetryPolicy)
+    """How the consumer rides out an unreachable Redis."""
     weights_channel: str = "diffrl-weights"
     """Ray weight channel p_samp is published to (rank 0)."""
     metrics_port: int = 0
@@ -77,7 +80,7 @@ class LearnerActor:
 
             publisher = RayWeightChannel(spec.weights_channel)
         self.learner = Learner(spec.learner, self.model, publisher=publisher, run_dir=spec.run_dir)
-        self.learner.connect_bus(connect(spec.redis_url), spec.stream, spec.consumer_group)
+        self.learner.connect_bus(connect(spec.redis_url), spec.stream, spec.consumer_group, retry=spec.bus_retry)
         self.resumed_step = self.learner.resume(spec.run_dir) if spec.resume else None
         if self.resumed_step:
             self.learner.publish()  # samplers continue from the checkpoint's p_samp
@@ -123,4 +126,5 @@ class LearnerActor:
         return {"rank": self.spec.rank, "step": lr.step, "counters": dict(lr.counters),
                 "pending_ack": len(lr.pending_entry_ids), "buffered": lr.buffered,
                 "metrics_host": self.metrics_host, "metrics_port": self.metrics_port,
-                "resumed_step": self.resumed_step, "pid": os.getpid()}
+                "resumed_step": self.resumed_step, "pid": os.getpid(),
+                "bus_retries": getattr(lr.consumer, "retries_total", 0)}

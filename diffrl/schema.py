@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from actors.config import SamplerConfig
 from diffrl.config import require
+from diffrl.embedded_redis import redact_url as _redact_url
 from diffrl.evaluation import EvalConfig
 from learner.config import LearnerConfig
 from models.config import ModelConfig
+from proto.bus import RetryPolicy
 
 
 @dataclass
@@ -35,6 +38,8 @@ class RunConfig:
         require(self.max_steps >= 1, "max_steps", "an int >= 1", self.max_steps)
         require(self.max_seconds >= 0, "max_seconds", "seconds >= 0", self.max_seconds)
         require(self.eval_every >= 0, "eval_every", "an int >= 0", self.eval_every)
+        require(not self.resume or Path(self.resume, "checkpoints").is_dir(), "resume",
+                "a run folder with a checkpoints/ folder", self.resume)
 
 
 @dataclass
@@ -59,6 +64,8 @@ class RewardSpec:
     def validate(self) -> None:
         require(bool(self.name), "name", "a reward name")
         require(bool(self.urls) or self.local_replicas >= 1, "local_replicas", "an int >= 1 when urls is empty")
+        for u in self.urls:
+            require(isinstance(u, str) and u.startswith(("http://", "https://")), "urls", "http(s):// URLs", u)
         require(self.timeout_s > 0, "timeout_s", "seconds > 0", self.timeout_s)
         require(self.retries >= 0, "retries", "an int >= 0", self.retries)
 
@@ -67,11 +74,19 @@ class RewardSpec:
 class RedisConfig:
     url: str = ""
     """Redis URL (redis://, rediss:// with TLS, unix://); empty = $REDIS_URL, else an embedded
-    redis-server for the run's lifetime."""
+    redis-server for the run's lifetime. Prefer $REDIS_URL for a URL with a password: recipes are
+    shared (the password is written to the run folder as ***)."""
     stream: str = "experience"
     """Stream of the experience groups."""
     consumer_group: str = "learner"
     """Consumer group of the learner ranks."""
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    """How samplers and learner ride out an unreachable Redis (restart, failover): retries with
+    backoff, counted in diffrl_bus_retries_total."""
+
+    def validate(self) -> None:
+        require(not self.url or self.url.split("://", 1)[0] in ("redis", "rediss", "unix"), "url",
+                "a redis://, rediss:// or unix:// URL", _redact_url(self.url))
 
 
 @dataclass

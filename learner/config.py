@@ -93,6 +93,10 @@ class LearnerConfig:
     dedup_window: int = 100_000
     """Most recent trained group ids kept (and checkpointed) to skip re-delivered or re-published
     groups."""
+    trim_acknowledged: bool = True
+    """After each checkpoint, delete the stream entries every consumer group has acknowledged (XTRIM
+    MINID), so Redis holds only the backlog (a group is ~100 KB on the shapes world, MBs on SD3).
+    Turn off when something reads the stream without a consumer group."""
     torch_threads: int = 0
     """torch.set_num_threads for the learner process; 0 = leave torch's default."""
     seed: int = 0

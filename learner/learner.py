@@ -27,6 +27,13 @@ are counted and acknowledged at once (explicitly discarded); trained entries are
 after the checkpoint that covers them is complete (``latest`` written), so a restart
 (``resume``) re-reads them; group ids of trained groups travel in the checkpoint and make
 re-delivery idempotent.
+
+The ledger: every acknowledgement names the entry's fate (trained, dropped_stale, masked, duplicate,
+invalid; see ``proto.bus``), counted in Redis atomically with the XACK. Once a checkpoint is
+complete each rank appends the group ids it covers to ``RUN_DIR/trained_groups.txt`` (one
+``group_id<TAB>step`` line each); a checkpoint also lists them (``interval``), so a restart that
+finds the acks or the lines of its last checkpoint missing (a crash right after ``latest``) adds
+them, and each trained group appears there exactly once.
 """
 
 from __future__ import annotations
@@ -63,6 +70,8 @@ Tensor = torch.Tensor
 Group = experience_pb2.Group
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TRAINED_GROUPS_FILE = "trained_groups.txt"
+"""Run-folder file listing every committed trained group (``group_id<TAB>step``)."""
 _GATHER_BUCKET_NUMEL = 1 << 26  # ZeRO-3: parameters gathered at once for the snapshot EMAs
 
 
@@ -212,6 +221,8 @@ class Learner:
         self._trained_ids: OrderedDict[str, None] = OrderedDict()
         self._buffer: list[tuple[str, Group]] = []
         self._pending_ack: list[str] = []
+        self._pending_groups: list[str] = []  # group ids of _pending_ack (same order)
+        self._resume_commit: list[tuple[str, str]] = []  # (entry, group) of the restored checkpoint
         self._last_checkpoint_step: int | None = None
         self._malformed_seen = 0
         self.last_stats: dict[str, Any] | None = None
@@ -632,12 +643,13 @@ class Learner:
         return out
 
     # ================================================================ the stream loop
-    def connect_bus(self, redis, stream: str | None = None, consumer_group: str | None = None):
-        """Create this rank's consumer ``<consumer_name_prefix>-<rank>`` on ``redis`` and use it."""
+    def connect_bus(self, redis, stream: str | None = None, consumer_group: str | None = None, retry=None):
+        """Create this rank's consumer ``<consumer_name_prefix>-<rank>`` on ``redis`` and use it
+        (``retry``: a ``proto.bus.RetryPolicy`` for an unreachable Redis)."""
         from proto.bus import DEFAULT_CONSUMER_GROUP, DEFAULT_STREAM, ExperienceConsumer
 
         self.consumer = ExperienceConsumer(redis, stream or DEFAULT_STREAM, consumer_group or DEFAULT_CONSUMER_GROUP,
-                                           f"{self.config.consumer_name_prefix}-{self.rank}")
+                                           f"{self.config.consumer_name_prefix}-{self.rank}", retry=retry)
         return self.consumer
 
     @property
@@ -653,34 +665,38 @@ class Learner:
         return self.step - int(group.policy_version) > self.config.max_staleness
 
     def _admit(self, entries: list[tuple[str, Group]]) -> None:
-        """Sort freshly read entries into the buffer or discard (count + ack) them."""
-        discard: list[str] = []
+        """Sort freshly read entries into the buffer or discard (count + ack with their fate) them."""
+        discard: dict[str, list[str]] = {}
         buffered_ids = {g.group_id for _, g in self._buffer}
+        held = {e for e, _ in self._buffer} | set(self._pending_ack)
         for entry_id, group in entries:
+            if entry_id in held:  # the same entry again (re-read after a reconnect): already ours
+                continue
+            held.add(entry_id)
             if group.group_id in self._trained_ids or group.group_id in buffered_ids:
                 self.counters["duplicate"] += 1
                 self.metrics.groups_duplicate.inc()
-                discard.append(entry_id)
+                discard.setdefault("duplicate", []).append(entry_id)
             elif group.masked:
                 self.counters["masked"] += 1
                 self.metrics.groups_masked.inc()
-                discard.append(entry_id)
+                discard.setdefault("masked", []).append(entry_id)
             elif self._is_stale(group):
                 self.counters["dropped_stale"] += 1
                 self.metrics.groups_dropped_stale.inc()
-                discard.append(entry_id)
+                discard.setdefault("dropped_stale", []).append(entry_id)
             else:
                 problem = self.group_problem(group)
                 if problem is not None:
                     log.warning("experience entry %s (group %s) dropped: %s", entry_id, group.group_id, problem)
                     self.counters["invalid"] += 1
                     self.metrics.groups_invalid.inc()
-                    discard.append(entry_id)
+                    discard.setdefault("invalid", []).append(entry_id)
                 else:
                     self._buffer.append((entry_id, group))
                     buffered_ids.add(group.group_id)
-        if discard:
-            self.consumer.ack(discard)
+        for fate, ids in discard.items():
+            self.consumer.ack(ids, fate=fate)
 
     def _drop_stale_buffered(self) -> None:
         keep, discard = [], []
@@ -690,7 +706,7 @@ class Learner:
             self._buffer = keep
             self.counters["dropped_stale"] += len(discard)
             self.metrics.groups_dropped_stale.inc(len(discard))
-            self.consumer.ack([e for e, _ in discard])
+            self.consumer.ack([e for e, _ in discard], fate="dropped_stale")
 
     def _sync_malformed(self) -> None:
         total = int(getattr(self.consumer, "malformed_total", 0))
@@ -707,9 +723,17 @@ class Learner:
         return flags[0].item() == 0, flags[1].item() == 1
 
     def update_backlog(self) -> None:
+        """Rank 0: the backlog gauge and the ledger gauges from one atomic ledger snapshot."""
         if self.consumer is not None and self.rank == 0:
             try:
-                self.metrics.backlog.set(self.consumer.backlog())
+                ledger = self.consumer.ledger() if hasattr(self.consumer, "ledger") else None
+                if ledger is None:
+                    self.metrics.backlog.set(self.consumer.backlog())
+                    return
+                self.metrics.backlog.set(ledger["pending"])
+                for key, value in ledger.items():
+                    if key != "balanced":
+                        self.metrics.ledger.labels(key).set(value)
             except Exception as err:  # noqa: BLE001 - a metric must not stop training
                 log.warning("backlog query failed: %s", err)
 
@@ -719,6 +743,8 @@ class Learner:
         None when no step was taken (not enough groups yet, or ``stop``)."""
         if self.consumer is None:
             raise RuntimeError("no consumer: pass one to Learner(...) or call connect_bus()")
+        if self._resume_commit:
+            self._commit_resumed()
         self._drop_stale_buffered()
         need = self.groups_per_rank - len(self._buffer)
         if need > 0 and not stop:
@@ -735,6 +761,7 @@ class Learner:
         for entry_id, group in batch:
             self._remember_trained(group.group_id)
             self._pending_ack.append(entry_id)
+            self._pending_groups.append(group.group_id)
         if self.run_dir is None or self.config.checkpoint_every == 0:
             self._ack_pending()  # nothing to commit to: the step itself is the commit
         elif self.step % self.config.checkpoint_every == 0:
@@ -770,9 +797,48 @@ class Learner:
             self._trained_ids.popitem(last=False)
 
     def _ack_pending(self) -> None:
+        """The trained entries are committed: record their group ids, then acknowledge them."""
+        if self._pending_ack and self.run_dir is not None and (self.config.checkpoint_every == 0
+                                                                or self._last_checkpoint_step == self.step):
+            self._append_trained(self._pending_groups, self.step)
         if self._pending_ack and self.consumer is not None:
-            self.consumer.ack(self._pending_ack)
-        self._pending_ack = []
+            self.consumer.ack(self._pending_ack, fate="trained")
+            if self.config.trim_acknowledged and self.rank == 0 and hasattr(self.consumer, "trim_acknowledged"):
+                try:  # keep Redis at the backlog's size (acknowledged entries are done with)
+                    self.consumer.trim_acknowledged()
+                except Exception as err:  # noqa: BLE001 - housekeeping must not stop training
+                    log.warning("trimming acknowledged stream entries failed: %s", err)
+        self._pending_ack, self._pending_groups = [], []
+
+    @property
+    def trained_groups_file(self) -> Path | None:
+        """``RUN_DIR/trained_groups.txt``: ``group_id<TAB>step`` per committed trained group."""
+        return None if self.run_dir is None else self.run_dir / TRAINED_GROUPS_FILE
+
+    def _append_trained(self, group_ids: Sequence[str], step: int) -> None:
+        if not group_ids or self.run_dir is None:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        data = "".join(f"{gid}\t{step}\n" for gid in group_ids).encode()
+        fd = os.open(self.trained_groups_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:  # one write per call: lines of concurrent ranks do not interleave
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _commit_resumed(self) -> None:
+        """After a resume: the restored checkpoint's trained entries are committed. Acknowledge them
+        (a no-op for those acknowledged before the crash) and add missing trained_groups.txt lines."""
+        interval, self._resume_commit = self._resume_commit, []
+        path = self.trained_groups_file
+        if path is not None:
+            have = set()
+            if path.is_file():
+                with open(path, encoding="utf-8") as f:
+                    have = {line.split("\t", 1)[0] for line in f if line.strip()}
+            self._append_trained([g for _, g in interval if g not in have], self.step)
+        self.consumer.ack([e for e, _ in interval], fate="trained")
 
     def close(self) -> None:
         """Leave the process group if this learner created it (barrier first: ZeRO-3 aborts otherwise)."""
@@ -802,6 +868,8 @@ class Learner:
             "rank": self.rank,
             "counters": self.counters,
             "trained_group_ids": list(self._trained_ids),
+            # the (entry, group) pairs this checkpoint commits: acked / recorded again after a crash
+            "interval": [list(p) for p in zip(self._pending_ack, self._pending_groups)],
             "rng": rng_meta,
         })
         if self.rank == 0:
@@ -866,13 +934,18 @@ class Learner:
         for gid in trained:
             self._remember_trained(gid)
         mine_json = folder / ckpt.rank_json(self.rank)
+        interval: list[tuple[str, str]] = []
         if mine_json.is_file():
             meta = ckpt.read_json(mine_json)
             self.counters.update(meta["counters"])
+            interval = [(str(e), str(g)) for e, g in meta.get("interval", [])]
             ckpt.set_rng_state(ckpt.load_tensors(folder / ckpt.rank_tensors(self.rank)), meta["rng"])
         self.step = step
         self._last_checkpoint_step = step
-        self._buffer, self._pending_ack = [], []
+        self._buffer, self._pending_ack, self._pending_groups = [], [], []
+        self._resume_commit = interval
+        if self.consumer is not None and interval:
+            self._commit_resumed()
         self.metrics.policy_version.set(step)
         self.publish()
         log.info("learner rank %d resumed from %s (step %d)", self.rank, folder, step)

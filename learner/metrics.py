@@ -66,6 +66,10 @@ POLICY_VERSION = "diffrl_learner_policy_version"
 """Gauge: version of the latest published p_samp (= optimizer steps)."""
 BACKLOG_GROUPS = "diffrl_learner_backlog_groups"
 """Gauge: groups in the stream not yet acknowledged by the learner (undelivered + pending)."""
+LEDGER_GROUPS = "diffrl_ledger_groups"
+"""Gauge (label entry): the experience stream's ledger read atomically from Redis by rank 0 (see
+proto.bus): produced, produced_masked, each fate (trained, dropped_stale, masked, duplicate, invalid,
+malformed, lost), pending_undelivered, pending_delivered, pending, accounted. produced == accounted."""
 
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
@@ -118,6 +122,8 @@ class LearnerMetrics:
                                    buckets=STALENESS_BUCKETS, registry=r)
         self.policy_version = Gauge(POLICY_VERSION, "Version of the latest published p_samp.", registry=r)
         self.backlog = Gauge(BACKLOG_GROUPS, "Unacknowledged groups in the experience stream.", registry=r)
+        self.ledger = Gauge(LEDGER_GROUPS, "Ledger of the experience stream: groups produced, by fate, and "
+                            "pending.", ["entry"], registry=r)
 
     def observe_step(self, stats: dict) -> None:
         """Record the stats returned by ``Learner.train_on_groups``."""

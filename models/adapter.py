@@ -13,6 +13,7 @@ share one set of text encoders.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -57,6 +58,17 @@ class PromptEmbeds:
         return PromptEmbeds(torch.cat([p.hidden for p in parts]), torch.cat([p.pooled for p in parts]))
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_model_path(path: str) -> str:
+    """A relative path that is not under the working directory is looked up in the repository (so the
+    shipped assets/shapes-base is found from anywhere)."""
+    if not Path(path).is_absolute() and not Path(path).exists() and (REPO_ROOT / path).exists():
+        return str(REPO_ROOT / path)
+    return path
+
+
 def load_pipeline(path: str, dtype: torch.dtype = torch.float32):
     """The pipeline in a local diffusers folder (a FlowUNetPipeline or a StableDiffusion3Pipeline whose
     optional components absent from model_index.json become None), or an SD3 hub id where the hub is
@@ -65,8 +77,9 @@ def load_pipeline(path: str, dtype: torch.dtype = torch.float32):
 
     from models.flow_pipeline import FlowUNetPipeline
 
+    path = resolve_model_path(path)
     folder = Path(path)
-    kwargs: dict = {"dtype": dtype}
+    kwargs: dict = {"dtype": dtype, "use_safetensors": True}  # never unpickle weights (docs/security.md)
     if folder.is_dir():
         index_file = folder / "model_index.json"
         if not index_file.is_file():
@@ -86,7 +99,8 @@ def load_pipeline(path: str, dtype: torch.dtype = torch.float32):
 def denoise(net: nn.Module, x: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor,
             pooled: torch.Tensor) -> torch.Tensor:
     """One forward of an SD3 transformer or a text-conditioned UNet: the velocity [B, C, H, W]."""
-    if hasattr(net, "config") and hasattr(net.config, "pooled_projection_dim"):  # SD3Transformer2DModel
+    base = getattr(net, "module", net)  # a DeepSpeed engine or DDP wraps the denoiser
+    if "pooled_projections" in inspect.signature(base.forward).parameters:  # SD3Transformer2DModel
         return net(hidden_states=x, timestep=timestep, encoder_hidden_states=hidden, pooled_projections=pooled,
                    return_dict=False)[0]
     return net(x, timestep, encoder_hidden_states=hidden, class_labels=pooled, return_dict=False)[0]

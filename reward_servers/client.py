@@ -10,10 +10,11 @@ Per reward:
 - **Load balancing** over its replica URLs: least outstanding requests (ties rotate), or plain
   round robin.
 - **Retries** with exponential backoff and jitter (tenacity) on timeouts, connection errors, 408,
-  429 and 5xx, each retry on another replica when there is one. Other 4xx (bad input) are not
-  retried.
+  429, 5xx and malformed answers (a 200 whose body is not a ScoreResponse, the wrong number of
+  scores, a non-finite score without an error: ``bad_response``), each retry on another replica when
+  there is one. Other 4xx (bad input) are not retried.
 - **Ejection**: a replica that fails ``eject_after_failures`` times in a row (timeout, connection
-  error, 5xx other than 503) leaves the rotation; a background probe (``GET /healthz`` every
+  error, 5xx other than 503, malformed answer) leaves the rotation; a background probe (``GET /healthz`` every
   ``health_check_interval_s``) puts it back when it answers 200. With every replica ejected, the
   client still tries them (the earliest ejected first) rather than failing without trying.
 - **Failure is per group, never a 0**: a reward that still fails after its retries, answers with
@@ -341,19 +342,27 @@ class RewardClient:
                     ep.failed(replica, self.http)
                 raise _Retryable(f"http_{code}", f"{replica.url}: HTTP {code}: {reason}", code)
             raise RewardError(ep.name, "rejected", f"{replica.url} refused the request: HTTP {code}: {reason}", code)
-        ep.succeeded(replica)
-        self.metrics.requests.labels(ep.name, "ok").inc()
         resp = reward_pb2.ScoreResponse()
+        problem = None
         try:
             if r.headers.get("content-type", "").startswith("application/json"):
                 json_format.Parse(r.content, resp)
             else:
                 resp.ParseFromString(r.content)
-        except (DecodeError, json_format.ParseError, ValueError) as err:
-            raise RewardError(ep.name, "bad_response", f"{replica.url}: undecodable response: {err}") from None
-        if len(resp.scores) != n or len(resp.errors) not in (0, n):
-            raise RewardError(ep.name, "bad_response",
-                              f"{replica.url}: {len(resp.scores)} scores for {n} images")
+        except (DecodeError, json_format.ParseError, ValueError, UnicodeDecodeError) as err:
+            problem = f"undecodable response: {type(err).__name__}: {str(err)[:200]}"
+        else:
+            errors = list(resp.errors) or [""] * len(resp.scores)
+            if len(resp.scores) != n or len(errors) != n:
+                problem = f"{len(resp.scores)} scores and {len(resp.errors)} errors for {n} images"
+            elif any(not e and not math.isfinite(s) for s, e in zip(resp.scores, errors)):
+                problem = "a non-finite score without an error"
+        if problem is not None:  # a broken replica (not bad input): eject it and retry elsewhere
+            ep.failed(replica, self.http)
+            self.metrics.requests.labels(ep.name, "bad_response").inc()
+            raise _Retryable("bad_response", f"{replica.url}: {problem}")
+        ep.succeeded(replica)
+        self.metrics.requests.labels(ep.name, "ok").inc()
         return resp
 
     async def _request(self, ep: _Endpoint, req: reward_pb2.ScoreRequest) -> reward_pb2.ScoreResponse:

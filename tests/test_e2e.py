@@ -72,3 +72,11 @@ def test_train_end_to_end_then_resume(tiny_model, tmp_path):
     assert summary2["resumed"] and summary2["start_step"] == 3 and summary2["end_step"] == 5
     steps2 = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [rec["step"] for rec in steps2 if rec["kind"] == "train"][-2:] == [4, 5]
+
+    # the ledger (docs/reliability.md): every group produced has one fate or is pending, across both
+    # runs; each committed trained group is listed once
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    fates = ("trained", "dropped_stale", "masked", "duplicate", "invalid", "malformed", "lost")
+    assert ledger["balanced"] and ledger["produced"] == sum(ledger[f] for f in fates) + ledger["pending"], ledger
+    ids = [line.split("\t")[0] for line in (run_dir / "trained_groups.txt").read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == ledger["trained"] == 5 * 2
