@@ -143,14 +143,16 @@ class Chaos:
         n["masked_before_outage"] = self.ledger()["produced_masked"]
         self.replicas["b"].kill()  # 3. every replica of the reward is down
         deadline = time.monotonic() + 120
-        while self.ledger()["produced_masked"] < n["masked_before_outage"] + 3:
-            assert time.monotonic() < deadline, "no masked groups while the reward was down"
+        # (sampler-0's metrics port changed with its restart: sampler-1's backoffs are the ones seen)
+        while (self.ledger()["produced_masked"] < n["masked_before_outage"] + 3
+               or scrape_sum(endpoints["sampler_metrics"], "diffrl_sampler_masked_backoffs_total") < 1):
+            assert time.monotonic() < deadline, "no masked groups and backoffs while the reward was down"
             time.sleep(0.2)
         n["step_in_outage"] = train_steps(self.run_dir)
         n["backoffs"] = scrape_sum(endpoints["sampler_metrics"], "diffrl_sampler_masked_backoffs_total")
         port = self.replicas["b"].port
         self.replicas["b"] = ServerProc("shapes", port=port, env={"DIFFRL_REWARD_TOKEN": TOKEN}).wait_ready()
-        self.wait_step(n["step_in_outage"] + 2)  # training resumed by itself
+        self.wait_step(n["step_in_outage"] + 3)  # training resumed by itself (needs newly scored groups)
         self.redis.stop()  # 4. Redis goes away and comes back with its data
         time.sleep(1.5)
         self.redis = EmbeddedRedis(**self.redis_kw).start()
