@@ -123,10 +123,12 @@ class Sampler:
         return True
 
     def wait_for_room(self) -> float:
-        """Backpressure: block while the backlog exceeds max_pending_groups. Returns seconds paused."""
+        """Backpressure: block while the backlog exceeds max_pending_groups, loading newer p_samp
+        versions meanwhile (the next round starts on the newest). Returns seconds paused."""
         start = time.perf_counter()
         while not self.stopped and self.sink.backlog() > self.cfg.max_pending_groups:
             self._stop.wait(self.cfg.backpressure_poll_s)
+            self.maybe_update_weights()
         paused = time.perf_counter() - start
         self.metrics.backpressure.inc(paused)
         return paused

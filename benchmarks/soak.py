@@ -49,8 +49,9 @@ def label(proc: psutil.Process, driver: int) -> str | None:
             if key in title:
                 return name
         return f"ray {title.split('.')[0]}"
+    exe = first.split(" ")[0]  # redis-server retitles itself "<path>/redis-server 127.0.0.1:PORT"
     for key, name in (("redis-server", "redis-server"), ("gcs_server", "ray gcs_server"), ("raylet", "ray raylet")):
-        if first.endswith(key):
+        if exe.endswith(key):
             return name
     for key, name in (("reward_servers", "reward server"), ("default_worker.py", GENERIC),
                       ("log_monitor.py", "ray log_monitor"), ("autoscaler/_private/monitor.py", "ray monitor"),
