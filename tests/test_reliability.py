@@ -206,7 +206,9 @@ def test_faults_end_to_end_with_an_exact_ledger(tiny_model, tmp_path, monkeypatc
         resumed = train(load_config(TrainConfig, path, [f"run.resume={run_dir}", f"run.max_steps={killed_at + 3}"]))
         assert resumed == run_dir
         summary = json.loads((run_dir / "summary.json").read_text())
-        assert summary["resumed"] and summary["start_step"] <= killed_at and summary["end_step"] == killed_at + 3
+        # killed_at was read just before the kill: a step already in flight may still have completed (and
+        # checkpointed) in between, so the checkpoint is at most one step later
+        assert summary["resumed"] and summary["start_step"] <= killed_at + 1 and summary["end_step"] == killed_at + 3
 
         # the ledger: produced == every fate + pending, in ledger.json and in Redis now
         ledger = json.loads((run_dir / "ledger.json").read_text())
