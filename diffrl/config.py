@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
 import re
 import textwrap
@@ -237,6 +238,7 @@ def _resolved_hints(cls: type) -> dict[str, Any]:
         return {}
 
 
+@functools.lru_cache(maxsize=None)
 def format_help(schema: type) -> str:
     """Human-readable list of every config key, its type, default and meaning."""
     lines = []
