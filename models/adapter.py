@@ -13,6 +13,7 @@ share one set of text encoders.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 from collections import OrderedDict
@@ -96,11 +97,17 @@ def load_pipeline(path: str, dtype: torch.dtype = torch.float32):
     return StableDiffusion3Pipeline.from_pretrained(str(path), **kwargs)
 
 
+@functools.lru_cache(maxsize=None)
+def _takes_pooled_projections(cls: type) -> bool:
+    """SD3-style denoisers take ``pooled_projections``; UNets take ``class_labels`` (once per class)."""
+    return "pooled_projections" in inspect.signature(cls.forward).parameters
+
+
 def denoise(net: nn.Module, x: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor,
             pooled: torch.Tensor) -> torch.Tensor:
     """One forward of an SD3 transformer or a text-conditioned UNet: the velocity [B, C, H, W]."""
     base = getattr(net, "module", net)  # a DeepSpeed engine or DDP wraps the denoiser
-    if "pooled_projections" in inspect.signature(base.forward).parameters:  # SD3Transformer2DModel
+    if _takes_pooled_projections(type(base)):  # SD3Transformer2DModel
         return net(hidden_states=x, timestep=timestep, encoder_hidden_states=hidden, pooled_projections=pooled,
                    return_dict=False)[0]
     return net(x, timestep, encoder_hidden_states=hidden, class_labels=pooled, return_dict=False)[0]

@@ -19,8 +19,8 @@ from typing import Protocol
 
 import torch
 
-from proto import weights_pb2
-from proto.codec import weight_update_from_proto, weight_update_to_proto
+from proto.codec import (weight_update_from_bytes, weight_update_from_proto, weight_update_to_bytes,
+                         weight_update_to_proto)
 
 
 class WeightPublisher(Protocol):
@@ -37,13 +37,12 @@ class WeightSource(Protocol):
 
 def encode_update(version: int, tensors: dict[str, torch.Tensor], kind: str = "full") -> bytes:
     cpu = {name: t.detach().to("cpu") for name, t in tensors.items()}
-    return weight_update_to_proto(version, cpu, kind=kind).SerializeToString(deterministic=True)
+    return weight_update_to_bytes(weight_update_to_proto(version, cpu, kind=kind))
 
 
 def decode_update(payload: bytes) -> tuple[int, str, dict[str, torch.Tensor]]:
-    msg = weights_pb2.WeightUpdate()
-    msg.ParseFromString(payload)
-    return weight_update_from_proto(msg)
+    """Parse and validate an update (ValueError if malformed) -> (version, kind, tensors)."""
+    return weight_update_from_proto(weight_update_from_bytes(payload))
 
 
 class LocalWeightChannel:
