@@ -18,8 +18,9 @@ import functools
 import inspect
 import re
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -35,7 +36,7 @@ class ConfigError(ValueError):
         self.message = message
         super().__init__(f"{field}: {message}" if field else message)
 
-    def under(self, prefix: str) -> "ConfigError":
+    def under(self, prefix: str) -> ConfigError:
         """The same error, with ``prefix`` prepended to the dotted field path."""
         field = f"{prefix}.{self.field}" if self.field else prefix
         return ConfigError(field, self.message)
@@ -70,7 +71,7 @@ def _validate_tree(obj: Any, path: str = "") -> None:
         except ConfigError as err:
             raise err.under(path) if path else err
         except ValueError as err:  # plain "field: message" ValueErrors of packages below diffrl
-            match = re.match(r"^([A-Za-z_][\w.]*): (.*)$", str(err), re.S)
+            match = re.match(r"^([A-Za-z_][\w.]*): (.*)$", str(err), re.DOTALL)
             field, message = (match.group(1), match.group(2)) if match else ("", str(err))
             raise ConfigError(field, message).under(path) if path else ConfigError(field, message) from err
 
@@ -238,7 +239,7 @@ def _resolved_hints(cls: type) -> dict[str, Any]:
         return {}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def format_help(schema: type) -> str:
     """Human-readable list of every config key, its type, default and meaning."""
     lines = []

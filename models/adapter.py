@@ -17,9 +17,9 @@ import functools
 import inspect
 import json
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -48,14 +48,14 @@ class PromptEmbeds:
     def __len__(self) -> int:
         return self.hidden.shape[0]
 
-    def repeat_interleave(self, k: int) -> "PromptEmbeds":
+    def repeat_interleave(self, k: int) -> PromptEmbeds:
         return PromptEmbeds(self.hidden.repeat_interleave(k, 0), self.pooled.repeat_interleave(k, 0))
 
-    def __getitem__(self, index) -> "PromptEmbeds":
+    def __getitem__(self, index) -> PromptEmbeds:
         return PromptEmbeds(self.hidden[index], self.pooled[index])
 
     @staticmethod
-    def cat(parts: Sequence["PromptEmbeds"]) -> "PromptEmbeds":
+    def cat(parts: Sequence[PromptEmbeds]) -> PromptEmbeds:
         return PromptEmbeds(torch.cat([p.hidden for p in parts]), torch.cat([p.pooled for p in parts]))
 
 
@@ -92,12 +92,12 @@ def load_pipeline(path: str, dtype: torch.dtype = torch.float32):
             entry = index.get(name)
             if entry is None or entry == [None, None] or not (folder / name).exists():
                 kwargs[name] = None
-    elif not str(path).count("/") == 1:
+    elif str(path).count("/") != 1:
         raise FileNotFoundError(f"model path {path!r}: no such folder (nor an org/name hub id)")
     return StableDiffusion3Pipeline.from_pretrained(str(path), **kwargs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _takes_pooled_projections(cls: type) -> bool:
     """SD3-style denoisers take ``pooled_projections``; UNets take ``class_labels`` (once per class)."""
     return "pooled_projections" in inspect.signature(cls.forward).parameters
@@ -134,13 +134,13 @@ class FlowModel:
     # ----------------------------------------------------------------- construction
     @classmethod
     def from_pretrained(cls, path: str, device: str = "auto", dtype: str = "float32",
-                        max_sequence_length: int = 0) -> "FlowModel":
+                        max_sequence_length: int = 0) -> FlowModel:
         torch_dtype = DTYPES[dtype]
         pipe = load_pipeline(path, dtype=torch.float32)
         return cls(pipe, resolve_device(device), torch_dtype, max_sequence_length)
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig) -> "FlowModel":
+    def from_config(cls, cfg: ModelConfig) -> FlowModel:
         return cls.from_pretrained(cfg.path, cfg.device, cfg.dtype, cfg.max_sequence_length)
 
     def save_pretrained(self, path: str | Path, transformer: nn.Module | None = None) -> None:

@@ -19,8 +19,12 @@ from typing import Protocol
 
 import torch
 
-from proto.codec import (weight_update_from_bytes, weight_update_from_proto, weight_update_to_bytes,
-                         weight_update_to_proto)
+from proto.codec import (
+    weight_update_from_bytes,
+    weight_update_from_proto,
+    weight_update_to_bytes,
+    weight_update_to_proto,
+)
 
 
 class WeightPublisher(Protocol):
