@@ -24,10 +24,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class LocalRewardServer:
-    """``diffrl reward serve NAME`` as a child process on 127.0.0.1, its output in ``log_path``."""
+    """``diffrl reward serve NAME`` as a child process on 127.0.0.1, its output in ``log_path``.
+    ``env`` is laid over this process's environment; a value of None removes that variable."""
 
     def __init__(self, name: str, args: Sequence[str] = (), port: int | None = None,
-                 log_path: str | Path | None = None, env: dict[str, str] | None = None):
+                 log_path: str | Path | None = None, env: dict[str, str | None] | None = None):
         self.name = name
         self.args = list(args)
         self.port = port or free_port()
@@ -39,6 +40,7 @@ class LocalRewardServer:
     def start(self) -> "LocalRewardServer":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, OMP_NUM_THREADS="1", **(self.env or {}))
+        env = {k: v for k, v in env.items() if v is not None}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "reward_servers", "serve", self.name, "--host", "127.0.0.1",

@@ -11,7 +11,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
+from diffrl.local_stack import LocalRewardServer, free_port
 from models.shapes_world import all_prompts, render_prompt
 from proto import reward_pb2
 from reward_servers.client import (
@@ -45,53 +45,23 @@ JSON = {"content-type": "application/json", "authorization": f"Bearer {TOKEN}"}
 
 
 # ----------------------------------------------------------------------------- server processes
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class ServerProc(LocalRewardServer):
+    """A reward server process for tests: started at once, without this process's
+    DIFFRL_REWARD_TOKEN unless ``env`` gives one, its log removed by ``stop``."""
 
-
-class ServerProc:
     def __init__(self, name: str, *args: str, port: int | None = None, env: dict | None = None):
-        self.name, self.args = name, args
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile(prefix=f"reward-{name}-", suffix=".log", delete=False)  # noqa: SIM115
-        full_env = {k: v for k, v in os.environ.items() if k != "DIFFRL_REWARD_TOKEN"}
-        full_env.update({"OMP_NUM_THREADS": "1", **(env or {})})
-        self.proc = subprocess.Popen(
-            [PY, "-m", "reward_servers", "serve", name, "--port", str(self.port), *args],
-            cwd=REPO, env=full_env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def output(self) -> str:
-        return Path(self.log.name).read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 60.0) -> ServerProc:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"reward server {self.name} exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"reward server {self.name} not ready in {timeout} s:\n{self.output()}")
+        fd, log = tempfile.mkstemp(prefix=f"reward-{name}-", suffix=".log")
+        os.close(fd)
+        super().__init__(name, args, port=port, log_path=log, env={"DIFFRL_REWARD_TOKEN": None, **(env or {})})
+        self.start()
 
     def kill(self, sig=signal.SIGKILL) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        super().stop(sig)
 
-    def stop(self) -> None:
-        self.kill(signal.SIGTERM)
+    def stop(self, sig=signal.SIGTERM, timeout: float = 10.0) -> None:
+        super().stop(sig, timeout)
         with contextlib.suppress(OSError):
-            os.unlink(self.log.name)
+            os.unlink(self.log_path)
 
 
 @pytest.fixture(scope="module")
