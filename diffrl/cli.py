@@ -15,11 +15,10 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from diffrl.config import ConfigError, format_help, load_config
+from diffrl.config import format_help, load_config, run_command
 
 # Library defaults that matter for a CPU/offline service; users can still override them.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -230,15 +229,7 @@ def _plugins() -> list[Callable]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except ConfigError as err:
-        print(f"diffrl: bad config: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("diffrl: interrupted", file=sys.stderr)
-        return 130
+    return run_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,21 @@ class ConfigError(ValueError):
         return ConfigError(field, self.message)
 
 
+def run_command(args: Any) -> int:
+    """Run a parsed CLI command (``args.func``): a bad config exits 2 with the field's message,
+    Ctrl-C exits 130. Shared by every console entry point."""
+    import sys
+
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:
+        print(f"diffrl: bad config: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("diffrl: interrupted", file=sys.stderr)
+        return 130
+
+
 def require(condition: bool, field: str, expected: str, got: Any = dataclasses.MISSING) -> None:
     """Raise :class:`ConfigError` for ``field`` unless ``condition`` holds."""
     if not condition:

@@ -25,7 +25,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-from diffrl.config import ConfigError, describe, format_help, load_config
+from diffrl.config import ConfigError, describe, format_help, load_config, run_command
 from reward_servers.config import TOKEN_ENV, RewardServerConfig
 
 SERVE_ENV = "DIFFRL_REWARD_SERVE"
@@ -263,11 +263,4 @@ def main(argv: list[str] | None = None) -> int:
     add_serve_parser(sub)
     add_list_parser(sub)
     add_bench_parser(sub, "bench")
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except ConfigError as err:
-        print(f"diffrl: bad config: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_command(parser.parse_args(argv))
