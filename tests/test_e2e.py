@@ -10,7 +10,6 @@ import pytest
 from diffrl.config import load_config
 from diffrl.job import train
 from diffrl.schema import TrainConfig
-from models.tiny_sd3 import TinySD3Arch, build_tiny_sd3
 
 pytestmark = pytest.mark.slow
 
@@ -19,15 +18,6 @@ def scrape_value(text: str, name: str) -> float:
     match = re.search(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M)
     assert match, f"{name} not in the scrape"
     return float(match.group(1))
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    pipe = build_tiny_sd3(TinySD3Arch(num_layers=1, num_heads=2, head_dim=16, text_hidden=32, text_projection=16),
-                          root / "work")
-    pipe.save_pretrained(str(root / "model"))
-    return root / "model"
 
 
 def config(tiny_model, tmp_path, *extra):

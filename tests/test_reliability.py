@@ -28,29 +28,19 @@ from pathlib import Path
 
 import httpx
 import pytest
+from test_reward_servers import ServerProc
 
 from diffrl.config import load_config
 from diffrl.embedded_redis import EmbeddedRedis, connect
 from diffrl.job import train
 from diffrl.schema import TrainConfig
-from models.tiny_sd3 import TinySD3Arch, build_tiny_sd3
 from proto.bus import ledger_snapshot
-from test_reward_servers import ServerProc
 
 pytestmark = pytest.mark.slow
 
 TOKEN = "chaos-token-3f9a"
 PASSWORD = "chaos pw/7"
 FATES = ("trained", "dropped_stale", "masked", "duplicate", "invalid", "malformed", "lost")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    pipe = build_tiny_sd3(TinySD3Arch(num_layers=1, num_heads=2, head_dim=16, text_hidden=32, text_projection=16),
-                          root / "work")
-    pipe.save_pretrained(str(root / "model"))
-    return root / "model"
 
 
 def recipe(tmp_path: Path, model: Path, redis_url: str, urls: list[str]) -> Path:
