@@ -17,7 +17,13 @@ class SamplerConfig:
     groups_per_round: int = 4
     """Prompts sampled together in one batched ODE solve (K x this images per forward)."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    """ODE sampler settings for p_samp (CRD: CFG 1.0, few steps)."""
+    """Sampler settings for p_samp (CRD: the ODE, CFG 1.0, few steps; GRPO: the SDE,
+    sampling.sde_noise_level > 0)."""
+    record_log_probs: bool = False
+    """Record in each Sample.extras the SDE trajectory (latents per step), the per-step
+    log-probabilities of the sampling policy, the noise levels, the noise level a and the CFG scale
+    (keys in models/sde.py; ~S+1 latents per sample). Needs sampling.sde_noise_level > 0; required by
+    learner.algorithm=grpo, which recomputes the log-probs under θ for the PPO ratio."""
     prompt_split: str = "train"
     """Prompt split the samplers draw from (train; eval prompts are never trained on)."""
     max_pending_groups: int = 32
@@ -57,3 +63,6 @@ class SamplerConfig:
         require(self.torch_threads >= 1, "torch_threads", "an int >= 1", self.torch_threads)
         require(self.max_restarts >= -1, "max_restarts", "an int >= -1 (-1: forever)")
         require(self.metrics_port >= -1, "metrics_port", "a port, 0 or -1")
+        require(not self.record_log_probs or self.sampling.sde_noise_level > 0, "sampling.sde_noise_level",
+                "> 0 when record_log_probs is true (the ODE sampler's steps have no density)",
+                self.sampling.sde_noise_level)

@@ -2,9 +2,12 @@
 
 One round: load a newer p_samp if the learner published one, wait while the stream backlog exceeds
 ``max_pending_groups`` (backpressure), take G prompts from its shard, generate K samples per prompt
-with the ODE sampler, decode, score every group with every reward, and publish one Group per prompt
-to the Redis stream. A group whose reward failed is published *masked* with the reason (the learner
-counts it and never trains on it); it is never given a made-up score.
+with the ODE sampler (or the SDE sampler, ``sampling.sde_noise_level > 0``), decode, score every
+group with every reward, and publish one Group per prompt to the Redis stream. With
+``record_log_probs`` each sample of a scored group also carries its SDE trajectory and per-step
+log-probabilities in ``Sample.extras`` (keys in models/sde.py) for GRPO. A group whose reward failed
+is published *masked* with the reason (the learner counts it and never trains on it); it is never
+given a made-up score.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -24,6 +28,13 @@ from actors.metrics import SamplerMetrics
 from actors.prompts import PromptSource
 from models.adapter import FlowModel
 from models.lora import LoraConfig, load_lora_weights
+from models.sde import (
+    EXTRA_GUIDANCE_SCALE,
+    EXTRA_LATENTS,
+    EXTRA_LOG_PROBS,
+    EXTRA_NOISE_LEVEL,
+    EXTRA_SIGMAS,
+)
 from proto import experience_pb2
 from proto.codec import tensor_to_proto
 from proto.weight_sync import WeightSource
@@ -153,8 +164,14 @@ class Sampler:
 
         t = time.perf_counter()
         s = cfg.sampling
-        x0 = self.model.sample(flat_prompts, seeds, num_steps=s.num_steps, guidance_scale=s.guidance_scale,
-                               shift=s.shift, batch_size=s.batch_size)  # [G*K, C, H, W]
+        traj = None
+        if s.sde_noise_level > 0:
+            traj = self.model.sample_sde(flat_prompts, seeds, num_steps=s.num_steps, guidance_scale=s.guidance_scale,
+                                         shift=s.shift, noise_level=s.sde_noise_level, batch_size=s.batch_size)
+            x0 = traj.x0  # [G*K, C, H, W]
+        else:
+            x0 = self.model.sample(flat_prompts, seeds, num_steps=s.num_steps, guidance_scale=s.guidance_scale,
+                                   shift=s.shift, batch_size=s.batch_size)  # [G*K, C, H, W]
         stages["sample"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -170,6 +187,13 @@ class Sampler:
 
         t = time.perf_counter()
         x0_cpu = x0.detach().to("cpu", torch.float32)
+        shared_extras = {}
+        if cfg.record_log_probs and traj is not None:
+            shared_extras = {
+                EXTRA_SIGMAS: tensor_to_proto(traj.sigmas.to(torch.float64)),
+                EXTRA_NOISE_LEVEL: tensor_to_proto(torch.tensor(float(s.sde_noise_level), dtype=torch.float64)),
+                EXTRA_GUIDANCE_SCALE: tensor_to_proto(torch.tensor(float(s.guidance_scale), dtype=torch.float64)),
+            }
         reward_sums: dict[str, list[float]] = {}
         for g, prompt in enumerate(prompts):
             group = experience_pb2.Group(
@@ -186,6 +210,11 @@ class Sampler:
             for i in range(k):
                 sample = group.samples.add(seed=seeds[g * k + i])
                 sample.latent.CopyFrom(tensor_to_proto(x0_cpu[g * k + i]))
+                if shared_extras and outcome.ok:  # a masked group is never trained: no records
+                    for key, value in shared_extras.items():
+                        sample.extras[key].CopyFrom(value)
+                    sample.extras[EXTRA_LATENTS].CopyFrom(tensor_to_proto(traj.latents[g * k + i].float()))
+                    sample.extras[EXTRA_LOG_PROBS].CopyFrom(tensor_to_proto(traj.log_probs[g * k + i].float()))
                 if outcome.ok:
                     for name, values in outcome.scores.items():
                         sample.rewards[name] = float(values[i])

@@ -5,6 +5,7 @@ Every command that takes a config reads an optional YAML recipe and ``key.sub=va
     diffrl pretrain deploy/configs/pretrain-shapes.yaml time_budget_s=300
     diffrl eval --model assets/shapes-base --split eval eval.guidance_scale=4
     diffrl bench sampler sampling.num_steps=20
+    diffrl report runs/shapes-crd runs/shapes-grpo --out report
 
 ``diffrl COMMAND --help`` lists every key with its type, default and meaning.
 """
@@ -15,8 +16,8 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from diffrl.config import format_help, load_config, run_command
 
@@ -123,6 +124,12 @@ def print_metrics(title: str, metrics: dict[str, float]) -> None:
     print("  " + "  ".join(f"{k.removeprefix('strict_')}={v:.2f}" for k, v in by_n.items()))
     if "fidelity" in metrics:
         print(f"  fidelity {metrics['fidelity']:.3f} (pixels that are background or a palette colour)")
+    if "fid_shapes" in metrics:
+        print(f"  fid_shapes {metrics['fid_shapes']:.2f} (Fréchet distance to renders of the same pairs, "
+              "0 = like the world; two sets of renders ~0.3)")
+    if "diversity" in metrics:
+        print(f"  diversity {metrics['diversity']:.3f} within prompts "
+              f"(renders of the same pairs {metrics['diversity_renders']:.3f})")
     print(f"  ({int(metrics['images'])} images, {metrics['seconds']:.1f} s)")
 
 
@@ -195,20 +202,27 @@ def build_parser() -> argparse.ArgumentParser:
                                      "the bound of num_steps bare transformer forwards.")
     add_config_args(b, SamplerBenchConfig)
     b.set_defaults(func=cmd_bench_sampler)
-    b = bench.add_parser("loop", help="end-to-end samples/s, learner idle fraction, sampler utilisation",
+    b = bench.add_parser("loop", help="the asynchronous service: end-to-end samples/s, learner idle fraction, "
+                                      "sampler utilisation",
                          description="Run a short training on the embedded stack (default recipe "
-                                     "deploy/configs/shapes-cpu.yaml, no evaluations) and report its throughput.")
+                                     "deploy/configs/shapes-cpu.yaml, no evaluations) and report its throughput. "
+                                     "`bench sync` is its synchronous baseline, `bench sync-vs-async` runs both.")
     add_config_args(b, TrainConfig)
     b.set_defaults(func=cmd_bench_loop)
+    from diffrl.bench import register as register_bench
+
+    register_bench(bench)  # bench sync, bench sync-vs-async
 
     p = sub.add_parser("demo", help="a short CRD training on the embedded default (what `make demo` runs)",
                        description="Same as `diffrl train deploy/configs/shapes-cpu.yaml [overrides]`.")
     p.add_argument("config", nargs="*", help="overrides")
     p.set_defaults(func=cmd_demo)
 
+    from diffrl.report import register as register_report
     from diffrl.status import register as register_status
 
     register_status(sub)
+    register_report(sub)
     for register in _plugins():
         register(sub, bench)
     return parser

@@ -139,3 +139,22 @@ class TrainConfig:
         if self.learner.reward_weights:
             unknown = set(self.learner.reward_weights) - set(names)
             require(not unknown, "learner.reward_weights", f"names among the rewards {names}", sorted(unknown))
+        if self.learner.algorithm == "grpo":
+            self._validate_grpo_sampling()
+
+    def _validate_grpo_sampling(self) -> None:
+        """GRPO's PPO ratio needs the sampling policy's per-step log-probabilities: the samplers must
+        record them, with the SDE and schedule that learner.grpo recomputes them with."""
+        sampler, grpo = self.sampler, self.learner.grpo
+        require(sampler.record_log_probs, "sampler.record_log_probs",
+                "true when learner.algorithm=grpo (GRPO trains on the per-step log-probabilities the SDE "
+                "sampler records; also set sampler.sampling.sde_noise_level > 0)", sampler.record_log_probs)
+        s = sampler.sampling
+        for field_name, have, want, learner_field in (
+            ("sde_noise_level", s.sde_noise_level, grpo.noise_level, "noise_level"),
+            ("num_steps", s.num_steps, grpo.num_sampling_steps, "num_sampling_steps"),
+            ("shift", s.shift, grpo.time_shift, "time_shift"),
+            ("guidance_scale", s.guidance_scale, grpo.guidance_scale, "guidance_scale"),
+        ):
+            require(have == want, f"sampler.sampling.{field_name}",
+                    f"learner.grpo.{learner_field}={want!r} (the policy GRPO recomputes the log-probs of)", have)

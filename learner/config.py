@@ -11,11 +11,12 @@ import math
 from dataclasses import dataclass, field
 
 from learner.algorithms.crd import CRDConfig
+from learner.algorithms.grpo import GRPOConfig
 from learner.algorithms.nft import NFTConfig
 
-ALGORITHMS = ("crd", "nft")
-"""Algorithms the learner can run (GRPO needs per-step log-probabilities from an SDE sampler and is
-not wired into the learner yet)."""
+ALGORITHMS = ("crd", "nft", "grpo")
+"""Algorithms the learner can run. GRPO trains on the per-step log-probabilities that an SDE sampler
+records (sampler.record_log_probs; checked when a recipe loads, diffrl/schema.py)."""
 
 DTYPES = ("auto", "float32", "bfloat16")
 DEVICES_HINT = "auto|cpu|cuda[:N]"
@@ -33,11 +34,15 @@ class LearnerConfig:
     """The learner: algorithm, batch, optimizer, DeepSpeed, snapshots, staleness, checkpoints."""
 
     algorithm: str = "crd"
-    """Training algorithm: 'crd' (Centered Reward Distillation) or 'nft' (DiffusionNFT-style baseline)."""
+    """Training algorithm: 'crd' (Centered Reward Distillation), 'nft' (DiffusionNFT-style baseline) or
+    'grpo' (Flow-GRPO-style baseline; needs samplers with record_log_probs)."""
     crd: CRDConfig = field(default_factory=CRDConfig)
     """CRD hyperparameters (used when algorithm = 'crd')."""
     nft: NFTConfig = field(default_factory=NFTConfig)
     """DiffusionNFT hyperparameters (used when algorithm = 'nft')."""
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    """Flow-GRPO hyperparameters (used when algorithm = 'grpo'); its sampling fields must match the
+    samplers' sampling settings."""
     groups_per_step: int = 8
     """G: prompt groups per optimizer step, over all ranks (each rank trains groups_per_step /
     world_size of them)."""
@@ -57,7 +62,7 @@ class LearnerConfig:
     """AdamW epsilon."""
     grad_clip: float | None = None
     """Gradient-norm clip before each optimizer step; None = the algorithm's own (crd.max_grad_norm,
-    1.0 for nft); 0 = no clipping."""
+    1.0 for nft and grpo); 0 = no clipping."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 0-3 (2 or 3, or LoRA, for large models on many GPUs)."""
     world_size: int = 1
@@ -104,7 +109,7 @@ class LearnerConfig:
 
     def validate(self) -> None:
         _require(self.algorithm in ALGORITHMS, "algorithm", f"one of {ALGORITHMS}", self.algorithm)
-        for name in ("crd", "nft", "lora"):
+        for name in ("crd", "nft", "grpo", "lora"):
             try:
                 getattr(self, name).validate()
             except ValueError as err:
@@ -155,6 +160,9 @@ class LearnerConfig:
 
     @property
     def num_noise_levels(self) -> int:
+        """Backward passes per chunk in one step: CRD/NFT noise levels, GRPO's trained denoising steps."""
+        if self.algorithm == "grpo":
+            return self.grpo.num_train_steps()
         return self.crd.num_noise_levels if self.algorithm == "crd" else self.nft.num_noise_levels
 
     @property

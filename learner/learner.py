@@ -21,6 +21,14 @@ evaluated without grad, ``crd_step_loss`` backpropagated per level and per micro
 exactly once per learner step, on the mean over levels of the batch loss), clip, step, then the
 snapshots' EMAs with s = optimizer steps taken (this step included), then rank 0 publishes p_samp.
 
+GRPO (``learner.algorithm=grpo``, ``learner/algorithms/grpo.py``): the groups carry the SDE
+trajectories and the sampling policy's per-step log-probabilities (``Sample.extras``, keys in
+models/sde.py). Group-normalized advantages; for each of the first ``grpo.num_train_steps()``
+denoising steps j, log p_θ(x_{j+1} | x_j) recomputed with θ's (CFG) velocity at the recorded x_j, the
+PPO-clipped ratio against the recorded log-prob, plus β·KL of θ's step to the frozen base model's;
+one backward per step and micro-chunk, one optimizer step. p_samp = p_old is an exact copy of θ
+(EMA decay 0): the samplers follow the policy, and the records make stale samples correct.
+
 The stream loop (``poll_and_step`` / ``run``): each rank is consumer ``learner-<rank>`` and collects
 G / world_size groups; stale (> max_staleness versions), masked, invalid and already-trained groups
 are counted and acknowledged at once (explicitly discarded); trained entries are acknowledged only
@@ -58,9 +66,17 @@ from torch import nn
 
 from learner import checkpoint as ckpt
 from learner.algorithms.crd import advantages, crd_step_loss, ema_update_, interpolate, velocity_target
+from learner.algorithms.grpo import (
+    group_advantages,
+    grpo_step_loss,
+    kl_std_for,
+    sde_step_log_prob,
+    sde_step_mean_std,
+)
 from learner.algorithms.nft import nft_reward_weight, nft_step_loss
 from learner.config import LearnerConfig
 from learner.metrics import LearnerMetrics
+from models.sde import EXTRA_GUIDANCE_SCALE, EXTRA_LATENTS, EXTRA_LOG_PROBS, EXTRA_NOISE_LEVEL, EXTRA_SIGMAS
 from proto import experience_pb2
 from proto.codec import tensor_from_proto
 
@@ -70,6 +86,7 @@ Tensor = torch.Tensor
 Group = experience_pb2.Group
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_FLOAT_WIRE = ("float32", "float16", "bfloat16", "float64")
 TRAINED_GROUPS_FILE = "trained_groups.txt"
 """Run-folder file listing every committed trained group (``group_id<TAB>step``)."""
 _GATHER_BUCKET_NUMEL = 1 << 26  # ZeRO-3: parameters gathered at once for the snapshot EMAs
@@ -191,7 +208,8 @@ class Learner:
                              f"got {config.world_size}")
         self.is_lora = config.lora.enabled
         self.alg = config.algorithm
-        self.alg_config = config.crd if self.alg == "crd" else config.nft
+        self.alg_config = {"crd": config.crd, "nft": config.nft, "grpo": config.grpo}[self.alg]
+        self._grpo_sigmas = config.grpo.sigmas() if self.alg == "grpo" else None  # [S + 1] float64
         self.T = config.num_noise_levels
         self.num_chunks = config.num_chunks
         self.groups_per_rank = config.groups_per_rank
@@ -206,7 +224,7 @@ class Learner:
         named = dict(self.engine.module.named_parameters())
         self._theta_params = [named[n] for n in self._train_names]
         self.p_old = self._build_snapshot()
-        # p_samp is p_old when the sampler is not decoupled (CRD ablation, and NFT by design)
+        # p_samp is p_old when the sampler is not decoupled (CRD ablation, NFT and GRPO by design)
         decoupled = self.alg == "crd" and config.crd.decoupled_sampler
         self.p_samp = self._build_snapshot() if decoupled else self.p_old
         self._old_params = self._snapshot_params(self.p_old)
@@ -415,6 +433,37 @@ class Learner:
                 return f"sample {i}: no reward {missing[0]!r}"
             if not all(math.isfinite(v) for v in s.rewards.values()):
                 return f"sample {i}: non-finite reward"
+            if self.alg == "grpo":
+                problem = self._grpo_record_problem(s)
+                if problem is not None:
+                    return f"sample {i}: {problem}"
+        return None
+
+    def _grpo_record_problem(self, sample) -> str | None:
+        """Why a sample's SDE records cannot be trained by GRPO (None when they can)."""
+        c = self.config.grpo
+        S = c.num_sampling_steps
+        want = {EXTRA_LATENTS: (S + 1, *self.model.latent_shape), EXTRA_LOG_PROBS: (S,), EXTRA_SIGMAS: (S + 1,),
+                EXTRA_NOISE_LEVEL: (), EXTRA_GUIDANCE_SCALE: ()}
+        for key, shape in want.items():
+            if key not in sample.extras:
+                return f"no extras[{key!r}] (GRPO needs samplers with sampler.record_log_probs=true)"
+            t = sample.extras[key]
+            if tuple(t.shape) != shape:
+                return f"extras[{key!r}] shape {tuple(t.shape)}, expected {shape} (learner.grpo.num_sampling_steps={S})"
+            if t.dtype not in _FLOAT_WIRE:
+                return f"extras[{key!r}] dtype {t.dtype!r} is not floating point"
+        sigmas = tensor_from_proto(sample.extras[EXTRA_SIGMAS], what="sde_sigmas").to(torch.float64)
+        if not torch.allclose(sigmas, self._grpo_sigmas, rtol=0.0, atol=1e-6):
+            return "recorded noise levels differ from learner.grpo's schedule (num_sampling_steps, time_shift)"
+        for key, mine, name in ((EXTRA_NOISE_LEVEL, c.noise_level, "noise_level"),
+                                (EXTRA_GUIDANCE_SCALE, c.guidance_scale, "guidance_scale")):
+            theirs = float(tensor_from_proto(sample.extras[key], what=key))
+            if not abs(theirs - mine) <= 1e-6:
+                return f"sampled with {name}={theirs}, learner.grpo.{name}={mine}"
+        log_probs = tensor_from_proto(sample.extras[EXTRA_LOG_PROBS], what="sde_log_probs")
+        if not bool(torch.isfinite(log_probs).all()):
+            return "non-finite recorded log-probs"
         return None
 
     def _reward_names(self, groups: Sequence[Group]) -> list[str]:
@@ -475,13 +524,22 @@ class Learner:
         x0, rewards, mask = self._make_batch(groups)  # [G, K, C, H, W], [G, K], [G, K]
         G, K = rewards.shape
         padded = not bool(mask.all())
-        a, a_tilde = self._advantages(rewards, mask, padded)  # [G, K] each
+        if self.alg == "grpo":  # per prompt group: (r − mean_g r)/(std_g r + eps), no cross-rank statistics
+            a = a_tilde = group_advantages(rewards, ac.adv_eps, mask if padded else None)  # [G, K]
+        else:
+            a, a_tilde = self._advantages(rewards, mask, padded)  # [G, K] each
         a = a.to(torch.float32)
         a_tilde = a_tilde.to(torch.float32)
         weight_r = nft_reward_weight(a, ac.adv_clip) if self.alg == "nft" else None  # [G, K]
 
         gen = torch.Generator().manual_seed(_step_seed(cfg.seed, version_before, self.rank))
-        sigmas = ac.noise_levels(gen) if self.alg == "crd" else self._nft_noise_levels(gen)  # [T]
+        records = None
+        if self.alg == "crd":
+            sigmas = ac.noise_levels(gen)  # [T]
+        elif self.alg == "nft":
+            sigmas = self._nft_noise_levels(gen)  # [T]
+        else:
+            records = self._grpo_records(groups)  # latents [G, K, T + 1, C, H, W], log-probs [G, K, T]
         cond_groups = self.model.encode_prompts([g.prompt for g in groups])  # [G] embeds
         chunks = [c for c in torch.arange(G).tensor_split(self.num_chunks) if len(c)]
         if len(chunks) != self.num_chunks:
@@ -493,36 +551,40 @@ class Learner:
         grad_norm = None
         micro = 0
         for t in range(self.T):
-            sigma = float(sigmas[t])
-            eps_all = torch.randn(G, K, *x0.shape[2:], generator=gen)  # [G, K, C, H, W] fresh per (sample, t)
+            if records is None:
+                sigma = float(sigmas[t])
+                eps_all = torch.randn(G, K, *x0.shape[2:], generator=gen)  # [G, K, C, H, W] fresh per (sample, t)
             for idx in chunks:
                 micro += 1
                 m_c = mask[idx]  # [g, K]
                 n = m_c.numel()
-                x0_c = x0[idx].flatten(0, 1).to(self.device)  # [n, C, H, W]
-                eps_c = eps_all[idx].flatten(0, 1).to(self.device)  # [n, C, H, W]
-                sig = torch.full((n,), sigma, device=self.device)  # [n]
-                x_t = interpolate(x0_c, eps_c, sig)  # [n, C, H, W]
-                u = velocity_target(x0_c, eps_c)  # [n, C, H, W]
-                cond = cond_groups[idx.tolist()].repeat_interleave(K)
-                with torch.no_grad(), self._autocast():
-                    v_old = self.model.velocity(x_t, sig, cond, transformer=self.p_old).float()
-                    v_anchor = None
-                    if use_kl:
-                        v_anchor = self.model.guided_velocity(
-                            x_t, sig, cond, ac.kl_cfg_scale, transformer=self.anchor,
-                            uncond=self.model.empty_embeds(n)).float()
-                    elif use_ref:
-                        v_anchor = self.model.velocity(x_t, sig, cond, transformer=self.anchor).float()
-                v_theta = self.model.velocity(x_t, sig, cond, transformer=self.engine)  # [n, C, H, W] grad
-                if self.alg == "crd":
-                    loss, st = crd_step_loss(v_theta, v_old, u, a_tilde[idx].to(self.device), ac, v_anchor,
-                                             m_c.to(self.device) if padded else None)
+                if records is not None:  # GRPO: denoising step t of the recorded trajectories
+                    loss, st = self._grpo_chunk_loss(records, t, idx, m_c, a, cond_groups, padded)
                 else:
-                    flat = m_c.reshape(-1).nonzero().squeeze(1).to(self.device) if padded else slice(None)
-                    loss, st = nft_step_loss(v_theta[flat], v_old[flat], u[flat],
-                                             weight_r[idx].reshape(-1).to(self.device)[flat], ac,
-                                             None if v_anchor is None else v_anchor[flat])
+                    x0_c = x0[idx].flatten(0, 1).to(self.device)  # [n, C, H, W]
+                    eps_c = eps_all[idx].flatten(0, 1).to(self.device)  # [n, C, H, W]
+                    sig = torch.full((n,), sigma, device=self.device)  # [n]
+                    x_t = interpolate(x0_c, eps_c, sig)  # [n, C, H, W]
+                    u = velocity_target(x0_c, eps_c)  # [n, C, H, W]
+                    cond = cond_groups[idx.tolist()].repeat_interleave(K)
+                    with torch.no_grad(), self._autocast():
+                        v_old = self.model.velocity(x_t, sig, cond, transformer=self.p_old).float()
+                        v_anchor = None
+                        if use_kl:
+                            v_anchor = self.model.guided_velocity(
+                                x_t, sig, cond, ac.kl_cfg_scale, transformer=self.anchor,
+                                uncond=self.model.empty_embeds(n)).float()
+                        elif use_ref:
+                            v_anchor = self.model.velocity(x_t, sig, cond, transformer=self.anchor).float()
+                    v_theta = self.model.velocity(x_t, sig, cond, transformer=self.engine)  # [n, C, H, W] grad
+                    if self.alg == "crd":
+                        loss, st = crd_step_loss(v_theta, v_old, u, a_tilde[idx].to(self.device), ac, v_anchor,
+                                                 m_c.to(self.device) if padded else None)
+                    else:
+                        flat = m_c.reshape(-1).nonzero().squeeze(1).to(self.device) if padded else slice(None)
+                        loss, st = nft_step_loss(v_theta[flat], v_old[flat], u[flat],
+                                                 weight_r[idx].reshape(-1).to(self.device)[flat], ac,
+                                                 None if v_anchor is None else v_anchor[flat])
                 w = float(m_c.sum()) / n_valid  # this chunk's share of the rank's mean
                 # DeepSpeed divides by gradient_accumulation_steps = T·chunks: Σ_t Σ_c (w_c/T)·L_{t,c}
                 self.engine.backward(loss * (w * self.num_chunks))
@@ -544,6 +606,8 @@ class Learner:
         if self.alg == "crd":
             d_old = ac.old_ema.decay(s)
             d_samp = ac.sampler_ema.decay(s) if self.p_samp is not self.p_old else d_old
+        elif self.alg == "grpo":
+            d_old = d_samp = 0.0  # p_samp = θ: the samplers follow the policy being trained
         else:
             d_old = d_samp = ac.old_ema.decay(s)
         self._blend([(self._old_params, d_old), (self._samp_params, d_samp)])
@@ -568,6 +632,93 @@ class Learner:
 
         c = self.config.nft
         return noise_levels(c.num_noise_levels, c.num_sampling_steps, c.time_shift, c.top_fraction, gen)
+
+    # ================================================================ GRPO
+    def _grpo_records(self, groups: Sequence[Group]) -> tuple[Tensor, Tensor]:
+        """The trained part of the groups' SDE records (checked by ``group_problem``): latents
+        ``[G, K, T + 1, C, H, W]`` (x at σ_0..σ_T) and recorded log-probs ``[G, K, T]``, zero-padded
+        where a group has fewer than K samples."""
+        T = self.T
+        G = len(groups)
+        K = max(len(g.samples) for g in groups)
+        latents = torch.zeros(G, K, T + 1, *self.model.latent_shape, dtype=torch.float32)
+        log_probs = torch.zeros(G, K, T, dtype=torch.float32)
+        for gi, g in enumerate(groups):
+            for ki, s in enumerate(g.samples):
+                latents[gi, ki] = tensor_from_proto(s.extras[EXTRA_LATENTS], what=EXTRA_LATENTS)[: T + 1].float()
+                log_probs[gi, ki] = tensor_from_proto(s.extras[EXTRA_LOG_PROBS], what=EXTRA_LOG_PROBS)[:T].float()
+        return latents, log_probs
+
+    def _grpo_step_terms(self, records: tuple[Tensor, Tensor], j: int, idx: Tensor, m_c: Tensor,
+                         cond_groups, padded: bool, with_ref: bool):
+        """Denoising step j of the recorded trajectories of groups ``idx`` (valid samples only, n of
+        them): ``(log p_θ(x_{j+1} | x_j) [n] with grad, recorded log p [n], μ_θ [n, ...], μ_ref [n, ...]
+        or None, step std, σ_j, σ_max, rows)``, log-probs reduced per ``grpo.log_prob_reduce``."""
+        ac = self.config.grpo
+        latents, old_lp = records
+        K = latents.shape[1]
+        rows = m_c.reshape(-1).nonzero().squeeze(1) if padded else torch.arange(m_c.numel())  # [n]
+        x_t = latents[idx, :, j].flatten(0, 1)[rows].to(self.device)  # [n, C, H, W] x_{σ_j}
+        x_next = latents[idx, :, j + 1].flatten(0, 1)[rows].to(self.device)  # [n, C, H, W] x_{σ_{j+1}}
+        old = old_lp[idx, :, j].reshape(-1)[rows].to(self.device)  # [n] per-dimension mean, as recorded
+        if ac.log_prob_reduce == "sum":
+            old = old * x_t[0].numel()  # the joint log-density
+        n = x_t.shape[0]
+        sigma, sigma_next = float(self._grpo_sigmas[j]), float(self._grpo_sigmas[j + 1])
+        sigma_max = float(self._grpo_sigmas[1])
+        sig = torch.full((n,), sigma, device=self.device)  # [n] as the sampler's velocity call
+        cond = cond_groups[idx.tolist()].repeat_interleave(K)[rows.tolist()]
+        uncond = self.model.empty_embeds(n) if ac.guidance_scale != 1.0 else None
+        mean_ref = None
+        if with_ref:
+            with torch.no_grad(), self._autocast():
+                v_ref = self.model.guided_velocity(x_t, sig, cond, ac.guidance_scale, transformer=self.anchor,
+                                                   uncond=uncond).float()  # [n, C, H, W]
+            mean_ref, _ = sde_step_mean_std(x_t, v_ref, sigma, sigma_next, ac.noise_level, sigma_max)
+        v_theta = self.model.guided_velocity(x_t, sig, cond, ac.guidance_scale, transformer=self.engine,
+                                             uncond=uncond)  # [n, C, H, W] grad
+        lp, mean_theta, std = sde_step_log_prob(x_t, v_theta, x_next, sigma, sigma_next, ac.noise_level, sigma_max,
+                                                reduce=ac.log_prob_reduce)  # [n], [n, C, H, W], []
+        return lp, old, mean_theta, mean_ref, std, sigma, sigma_max, rows
+
+    def _grpo_chunk_loss(self, records, j: int, idx: Tensor, m_c: Tensor, a: Tensor, cond_groups,
+                         padded: bool) -> tuple[Tensor, dict[str, Tensor]]:
+        """``grpo_step_loss`` of denoising step j for the groups ``idx`` and its stats (clip_fraction,
+        ratio_mean, approx_kl, policy_loss, kl, loss)."""
+        ac = self.config.grpo
+        use_ref = ac.kl_beta > 0
+        lp, old, mean_theta, mean_ref, std, sigma, sigma_max, rows = self._grpo_step_terms(
+            records, j, idx, m_c, cond_groups, padded, with_ref=use_ref)
+        adv = a[idx].reshape(-1)[rows].to(self.device)  # [n]
+        kl_std = kl_std_for(std, sigma, ac, sigma_max) if use_ref else None
+        loss, st = grpo_step_loss(lp, old, adv, ac, mean_theta, mean_ref, kl_std)
+        st["clip_fraction"] = st.pop("clipfrac")
+        st["ratio_mean"] = torch.exp(lp.detach() - old).mean()
+        return loss, st
+
+    @torch.no_grad()
+    def grpo_log_ratios(self, groups: Sequence[Group]) -> Tensor:
+        """log p_θ − log p_recorded of every trained denoising step, ``[G, K, T]`` (NaN where a group
+        has fewer than K samples): 0 on-policy, before θ moves away from the sampling weights."""
+        if self.alg != "grpo":
+            raise RuntimeError("grpo_log_ratios needs learner.algorithm=grpo")
+        for g in groups:
+            problem = self.group_problem(g)
+            if problem is not None:
+                raise ValueError(f"group {g.group_id!r} cannot be trained: {problem}")
+        records = self._grpo_records(groups)
+        G, K = records[1].shape[:2]
+        mask = torch.zeros(G, K, dtype=torch.bool)
+        for gi, g in enumerate(groups):
+            mask[gi, : len(g.samples)] = True
+        padded = not bool(mask.all())
+        cond_groups = self.model.encode_prompts([g.prompt for g in groups])
+        out = torch.full((G * K, self.T), float("nan"), dtype=torch.float64)
+        idx = torch.arange(G)
+        for j in range(self.T):
+            lp, old, *_, rows = self._grpo_step_terms(records, j, idx, mask, cond_groups, padded, with_ref=False)
+            out[rows, j] = (lp - old).double().cpu()
+        return out.reshape(G, K, self.T)
 
     def _step_stats(self, groups, acc, rewards, mask, a, n_valid, staleness) -> dict[str, Any]:
         """Per-step statistics, reduced over ranks (sample-weighted)."""

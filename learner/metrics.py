@@ -47,7 +47,8 @@ LOSS = "diffrl_learner_loss"
 CRD_MATCHING_LOSS = "diffrl_learner_crd_matching_loss"
 """Gauge: CRD's centered reward-matching loss L_CRD of the last step."""
 KL = "diffrl_learner_kl"
-"""Gauge: mean ‖v_θ − v_φ^w‖² to the CFG anchor of the last step."""
+"""Gauge: KL to the reference of the last step: CRD/NFT mean ‖v_θ − v_φ^w‖² to the (CFG) anchor; GRPO
+the per-dimension KL of θ's SDE step to the base model's (0 when grpo.kl_beta = 0)."""
 KL_LOSS = "diffrl_learner_kl_loss"
 """Gauge: the reward-adaptive KL loss term of the last step."""
 BETA = "diffrl_learner_beta"
@@ -58,6 +59,16 @@ IMPLICIT_REWARD_STD = "diffrl_learner_implicit_reward_std"
 """Gauge: standard deviation of R̂ of the last step."""
 IMPLICIT_REWARD_CORR = "diffrl_learner_implicit_reward_corr"
 """Gauge: correlation of the group-centered R̂ with the centered advantages (how well θ ranks samples)."""
+GRPO_CLIP_FRACTION = "diffrl_learner_grpo_clip_fraction"
+"""Gauge: GRPO, fraction of (sample, denoising step) pairs of the last step whose ratio ρ was outside
+1 ± clip_range."""
+GRPO_RATIO_MEAN = "diffrl_learner_grpo_ratio_mean"
+"""Gauge: GRPO, mean ratio ρ = p_θ/p_sampler over (sample, denoising step) of the last step (1 on-policy;
+staleness moves it)."""
+GRPO_APPROX_KL = "diffrl_learner_grpo_approx_kl"
+"""Gauge: GRPO, ½·mean (log ρ)² of the last step (how far θ is from the sampling policy)."""
+GRPO_POLICY_LOSS = "diffrl_learner_grpo_policy_loss"
+"""Gauge: GRPO, the PPO-clipped surrogate of the last step (the loss without the KL term)."""
 GRAD_NORM = "diffrl_learner_grad_norm"
 """Gauge: gradient norm before clipping of the last step."""
 STALENESS_VERSIONS = "diffrl_learner_staleness_versions"
@@ -110,13 +121,19 @@ class LearnerMetrics:
         self.reward_std = Gauge(REWARD_STD, "Reward standard deviation of the last step.", ["reward"], registry=r)
         self.loss = Gauge(LOSS, "Total loss of the last step.", registry=r)
         self.crd_matching_loss = Gauge(CRD_MATCHING_LOSS, "CRD centered reward-matching loss.", registry=r)
-        self.kl = Gauge(KL, "Mean squared velocity distance to the CFG anchor.", registry=r)
+        self.kl = Gauge(KL, "KL to the reference (CRD/NFT: mean squared velocity distance to the anchor).",
+                        registry=r)
         self.kl_loss = Gauge(KL_LOSS, "Reward-adaptive KL loss term.", registry=r)
         self.beta = Gauge(BETA, "CRD beta.", registry=r)
         self.implicit_reward_mean = Gauge(IMPLICIT_REWARD_MEAN, "Mean implicit reward.", registry=r)
         self.implicit_reward_std = Gauge(IMPLICIT_REWARD_STD, "Implicit reward standard deviation.", registry=r)
         self.implicit_reward_corr = Gauge(IMPLICIT_REWARD_CORR, "Correlation of centered implicit reward and "
                                           "centered advantage.", registry=r)
+        self.grpo_clip_fraction = Gauge(GRPO_CLIP_FRACTION, "GRPO: fraction of ratios outside 1 +- clip_range.",
+                                        registry=r)
+        self.grpo_ratio_mean = Gauge(GRPO_RATIO_MEAN, "GRPO: mean ratio p_theta/p_sampler.", registry=r)
+        self.grpo_approx_kl = Gauge(GRPO_APPROX_KL, "GRPO: half the mean squared log-ratio.", registry=r)
+        self.grpo_policy_loss = Gauge(GRPO_POLICY_LOSS, "GRPO: PPO-clipped surrogate loss.", registry=r)
         self.grad_norm = Gauge(GRAD_NORM, "Gradient norm before clipping.", registry=r)
         self.staleness = Histogram(STALENESS_VERSIONS, "Policy versions between sampling and training.",
                                    buckets=STALENESS_BUCKETS, registry=r)
@@ -150,6 +167,11 @@ class LearnerMetrics:
             self.implicit_reward_mean.set(stats["implicit_reward_mean"])
             self.implicit_reward_std.set(stats["implicit_reward_std"])
             self.implicit_reward_corr.set(stats["implicit_reward_corr"])
+        if "clip_fraction" in stats:  # GRPO
+            self.grpo_clip_fraction.set(stats["clip_fraction"])
+            self.grpo_ratio_mean.set(stats["ratio_mean"])
+            self.grpo_approx_kl.set(stats["approx_kl"])
+            self.grpo_policy_loss.set(stats["policy_loss"])
         if stats.get("grad_norm") is not None:
             self.grad_norm.set(stats["grad_norm"])
         for s in stats.get("staleness", []):

@@ -6,7 +6,8 @@ Rectified-flow notation (ALGORITHMS.md): x_σ = (1 − σ)·x0 + σ·ε, velocit
 network v(x_σ, σ, c). Sampling integrates dx/dσ = v from σ = 1 (noise) to σ = 0 with Euler steps.
 
 Everything that trains or samples goes through :class:`FlowModel`: prompt encoding (with the empty
-prompt for CFG), velocity, CFG, decoding, and the deterministic per-sample-seeded ODE sampler. The
+prompt for CFG), velocity, CFG, decoding, the deterministic per-sample-seeded ODE sampler and
+Flow-GRPO's SDE sampler with its per-step log-probabilities (``sample_sde``, models/sde.py). The
 denoiser can be swapped per call (``transformer=``) so θ, p_old, p_samp and the frozen anchor p_φ
 share one set of text encoders.
 """
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from models.config import ModelConfig
+from models.sde import sde_sigmas, sde_step_with_noise
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Components a StableDiffusion3Pipeline may leave out; passed as None when the folder lacks them.
@@ -111,6 +113,16 @@ def denoise(net: nn.Module, x: torch.Tensor, timestep: torch.Tensor, hidden: tor
         return net(hidden_states=x, timestep=timestep, encoder_hidden_states=hidden, pooled_projections=pooled,
                    return_dict=False)[0]
     return net(x, timestep, encoder_hidden_states=hidden, class_labels=pooled, return_dict=False)[0]
+
+
+@dataclass
+class SDETrajectory:
+    """What ``FlowModel.sample_sde`` returns, per sample (CPU, float32 unless noted)."""
+
+    x0: torch.Tensor  # [B, C, H, W] the final sample x_{σ_S} (= latents[:, -1])
+    latents: torch.Tensor  # [B, S + 1, C, H, W] x_{σ_0} (the initial noise), ..., x_{σ_S}
+    log_probs: torch.Tensor  # [B, S] log p(x_{σ_{j+1}} | x_{σ_j}) of the sampling policy, per-dimension mean
+    sigmas: torch.Tensor  # [S + 1] float64, 1 -> 0
 
 
 class FlowModel:
@@ -258,6 +270,45 @@ class FlowModel:
                 x = x + (sigmas[i + 1] - sigmas[i]) * v.float()
             outs.append(x)
         return torch.cat(outs)
+
+    @torch.no_grad()
+    def sample_sde(self, prompts: Sequence[str], seeds: Sequence[int], num_steps: int = 10,
+                   guidance_scale: float = 1.0, shift: float = 1.0, noise_level: float = 0.7,
+                   transformer: nn.Module | None = None, batch_size: int = 64) -> SDETrajectory:
+        """Flow-GRPO's SDE sampler (models/sde.py) with its trajectory and per-step log-probabilities.
+
+        Each sample's randomness comes from one CPU generator seeded with its seed: first the initial
+        noise (the same ε as :meth:`sample` draws for that seed), then z for each step in order, so a
+        (prompt, seed) pair gives the same trajectory in any batch and on any device. The levels are
+        ``sde_sigmas(num_steps, shift)`` (float64); σ = 1 uses the first level below 1 in g_σ's
+        denominator (``sigma_max``)."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        if noise_level <= 0:
+            raise ValueError(f"noise_level: expected > 0 for SDE sampling, got {noise_level!r}")
+        sigmas = sde_sigmas(num_steps, shift)  # [S + 1] float64
+        sigma_max = float(sigmas[1])  # as GRPOConfig.sigma_max()
+        shape = self.latent_shape
+        trajectories, log_probs = [], []
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start : start + batch_size])
+            gens = [torch.Generator().manual_seed(int(s)) for s in seeds[start : start + batch_size]]
+            x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(self.device)  # [b, C, H, W]
+            cond = self.encode_prompts(chunk)
+            uncond = self.empty_embeds(len(chunk)) if guidance_scale != 1.0 else None
+            states, lps = [x.cpu()], []
+            for i in range(num_steps):
+                sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+                v = self.guided_velocity(x, torch.full((len(chunk),), sigma, device=self.device), cond,
+                                         guidance_scale, transformer, uncond).float()  # [b, C, H, W]
+                z = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(self.device)  # [b, C, H, W]
+                x, lp = sde_step_with_noise(x, v, z, sigma, sigma_next, noise_level, sigma_max)  # [b, ...], [b]
+                states.append(x.cpu())
+                lps.append(lp.cpu())
+            trajectories.append(torch.stack(states, dim=1))  # [b, S + 1, C, H, W]
+            log_probs.append(torch.stack(lps, dim=1))  # [b, S]
+        latents = torch.cat(trajectories)  # [B, S + 1, C, H, W]
+        return SDETrajectory(x0=latents[:, -1], latents=latents, log_probs=torch.cat(log_probs), sigmas=sigmas)
 
     # ----------------------------------------------------------------- pixels
     @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Configuration of the model adapter and its ODE sampler."""
+"""Configuration of the model adapter and its sampler (Euler ODE, or Flow-GRPO's SDE)."""
 
 from __future__ import annotations
 
@@ -38,9 +38,15 @@ class SamplingConfig:
     """Timestep shift of the sigma schedule (SD3: 3.0); 1.0 = linear in sigma."""
     batch_size: int = 64
     """Images denoised together in one forward."""
+    sde_noise_level: float = 0.0
+    """0 = the deterministic Euler ODE sampler. > 0: Flow-GRPO's SDE sampler with this noise level a
+    (diffusion g_σ = a·sqrt(σ/(1 − σ)); 0.7 in Flow-GRPO), stochastic but reproducible from each
+    sample's seed (models/sde.py); it has the ODE's marginals and per-step Gaussian transitions whose
+    log-probabilities GRPO trains on."""
 
     def validate(self) -> None:
         require(self.num_steps >= 1, "num_steps", "an int >= 1", self.num_steps)
+        require(self.sde_noise_level >= 0, "sde_noise_level", "a float >= 0 (0 = ODE)", self.sde_noise_level)
         require(self.guidance_scale >= 0, "guidance_scale", "a float >= 0", self.guidance_scale)
         require(self.shift > 0, "shift", "a float > 0", self.shift)
         require(self.batch_size >= 1, "batch_size", "an int >= 1", self.batch_size)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
+import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -116,6 +117,7 @@ class RewardService:
         self.batcher: MicroBatcher | None = None
         self._pending = 0
         self._lock = threading.Lock()
+        self._latency_rng = random.Random()
         self.started = time.time()
 
     # ------------------------------------------------------------------ admission
@@ -278,7 +280,22 @@ class RewardService:
                 result = await self.batcher.submit(p.images, p.prompts, p.metadata)
             finally:
                 self._release(len(p.images))
+        await self.injected_latency()
         return encode_message(self.response(result), _wanted_encoding(request.headers.get("accept"), encoding))
+
+    def latency_s(self) -> float:
+        """One draw of the simulated latency (``execution.latency_ms`` +- ``latency_jitter_ms``), seconds."""
+        ex = self.execution
+        jitter = self._latency_rng.uniform(-ex.latency_jitter_ms, ex.latency_jitter_ms) if ex.latency_jitter_ms else 0.0
+        return max(0.0, ex.latency_ms + jitter) / 1000.0
+
+    async def injected_latency(self) -> None:
+        """Wait the simulated latency (an asyncio sleep: other requests are served meanwhile)."""
+        if self.execution.latency_ms <= 0:
+            return
+        delay = self.latency_s()
+        await asyncio.sleep(delay)
+        self.metrics.injected_latency.labels(self.scorer.name).inc(delay)
 
     async def startup(self) -> None:
         if self.microbatch:

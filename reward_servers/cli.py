@@ -97,6 +97,13 @@ def build_app_from_env():
     return create_app(scorer, cfg.limits, token=token, execution=cfg.execution)
 
 
+def _latency_note(cfg) -> str:
+    ex = cfg.execution
+    if ex.latency_ms <= 0:
+        return ""
+    return f" (simulated latency {ex.latency_ms:g} +- {ex.latency_jitter_ms:g} ms per request)"
+
+
 def serve(name: str, cfg, token: str | None, recipe: str | None = None, overrides: list[str] | None = None,
           token_file: str | None = None) -> int:
     """Serve reward ``name`` with the resolved ``cfg`` until SIGINT/SIGTERM. With ``workers > 1`` the
@@ -117,7 +124,7 @@ def serve(name: str, cfg, token: str | None, recipe: str | None = None, override
                                 timeout_graceful_shutdown=5)
         server = uvicorn.Server(config)
         print(f"diffrl reward server {name!r} (version {scorer.version}) on http://{cfg.host}:{port}"
-              f"{' (bearer token required)' if token else ''}", flush=True)
+              f"{' (bearer token required)' if token else ''}{_latency_note(cfg)}", flush=True)
         server.run(sockets=[sock])
         return 0
     # Several worker processes: uvicorn's supervisor spawns them; each builds its app from the env.
@@ -130,7 +137,7 @@ def serve(name: str, cfg, token: str | None, recipe: str | None = None, override
     elif token:
         os.environ[TOKEN_ENV] = token
     print(f"diffrl reward server {name!r} with {cfg.workers} workers on http://{cfg.host}:{cfg.port}"
-          f"{' (bearer token required)' if token else ''}", flush=True)
+          f"{' (bearer token required)' if token else ''}{_latency_note(cfg)}", flush=True)
     try:
         uvicorn.run("reward_servers.cli:build_app_from_env", factory=True, host=cfg.host, port=cfg.port,
                     workers=cfg.workers, log_level=cfg.log_level, access_log=False, timeout_graceful_shutdown=5)

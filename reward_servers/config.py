@@ -63,6 +63,15 @@ class ExecutionConfig:
     """Micro-batching: most images in one scorer call."""
     max_wait_ms: float = 5.0
     """Micro-batching: longest a request waits for others to join its batch, in milliseconds."""
+    latency_ms: float = 0.0
+    """Simulated remote latency (benchmarks, tests): each scoring request is answered this many
+    milliseconds later on average, as if the reward were a remote GPU model (e.g. 300-800). The wait
+    is an asyncio sleep after scoring, so concurrent requests overlap and the scoring threads stay
+    free; refused requests are not delayed. Counted in diffrl_reward_injected_latency_seconds_total.
+    0 = none (the default; never set it in production)."""
+    latency_jitter_ms: float = 0.0
+    """Spread of the simulated latency: each request waits a uniform draw from
+    [latency_ms - jitter, latency_ms + jitter] milliseconds (at most latency_ms)."""
 
     def validate(self) -> None:
         require(self.threads >= 0, "threads", "an int >= 0", self.threads)
@@ -70,6 +79,9 @@ class ExecutionConfig:
                 self.microbatch)
         require(self.max_batch_items > 0, "max_batch_items", "an int > 0", self.max_batch_items)
         require(0 <= self.max_wait_ms <= 10_000, "max_wait_ms", "a float in [0, 10000]", self.max_wait_ms)
+        require(0 <= self.latency_ms <= 600_000, "latency_ms", "milliseconds in [0, 600000]", self.latency_ms)
+        require(0 <= self.latency_jitter_ms <= self.latency_ms, "latency_jitter_ms",
+                "milliseconds in [0, latency_ms]", self.latency_jitter_ms)
 
 
 @dataclass

@@ -22,6 +22,7 @@ BATCH_SIZE = "diffrl_reward_batch_size_images"
 SCORER_DURATION = "diffrl_reward_scorer_duration_seconds"
 ERRORS = "diffrl_reward_errors_total"
 PENDING = "diffrl_reward_pending_images"
+INJECTED_LATENCY = "diffrl_reward_injected_latency_seconds_total"
 # --- client
 CLIENT_REQUESTS = "diffrl_reward_client_requests_total"
 CLIENT_RETRIES = "diffrl_reward_client_retries_total"
@@ -68,6 +69,9 @@ class ServerMetrics:
             self.errors.labels(reward, kind)
         self.pending = Gauge(PENDING, "Images admitted and not yet scored.", ["reward"], registry=r,
                              multiprocess_mode="livesum")
+        self.injected_latency = Counter(
+            INJECTED_LATENCY[:-len("_total")], "Simulated latency added to answers (execution.latency_ms; "
+            "benchmarks only).", ["reward"], registry=r)
 
     def error(self, kind: str, n: int = 1) -> None:
         self.errors.labels(self.reward, kind).inc(n)

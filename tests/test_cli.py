@@ -20,7 +20,7 @@ def run(*args, timeout=300):
 def test_help_lists_commands_and_config_keys():
     out = run("--help")
     assert out.returncode == 0
-    for command in ("pretrain", "eval", "bench", "demo"):
+    for command in ("pretrain", "eval", "bench", "demo", "report"):
         assert command in out.stdout
     out = run("pretrain", "--help")
     assert out.returncode == 0

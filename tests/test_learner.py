@@ -145,7 +145,7 @@ def test_config_defaults_validate_and_load_with_dotted_errors():
     assert cfg.lr == 0.01 and cfg.reward_weights == {"ocr": 2.0} and cfg.lora.enabled
     assert cfg.crd.old_ema.max_decay == 0.99 and cfg.effective_grad_clip == 0.5
     assert LearnerConfig().effective_grad_clip == 1.0  # crd.max_grad_norm
-    for override, field in [("lr=-1", "lr"), ("zero_stage=4", "zero_stage"), ("algorithm=grpo", "algorithm"),
+    for override, field in [("lr=-1", "lr"), ("zero_stage=4", "zero_stage"), ("algorithm=ppo", "algorithm"),
                             ("dtype=float16", "dtype"), ("max_staleness=-1", "max_staleness")]:
         with pytest.raises(ConfigError) as err:
             load_config(LearnerConfig, overrides=[override])

@@ -25,72 +25,24 @@ with A the group-normalized advantage (r − mean_g r)/(std_g r + eps).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from learner.algorithms.crd import _bcast, _compute_dtype, _per_sample_mean, _require, sampling_sigmas
+from learner.algorithms.crd import _per_sample_mean, _require, sampling_sigmas
+
+# The SDE step itself lives in models/sde.py: the sampler draws and records it with the same code
+# (models do not import the learner), so recorded and recomputed log-probs agree exactly.
+from models.sde import (
+    LOG_PROB_REDUCTIONS,
+    gaussian_log_prob,
+    sde_std,
+    sde_step_mean_std,
+)
 
 Tensor = torch.Tensor
 
-LOG_PROB_REDUCTIONS = ("mean", "sum")
 KL_STD_MODES = ("step", "sde")
-
-
-def sde_std(sigma: Tensor | float, noise_level: float, sigma_max: float | None = None) -> Tensor:
-    """Diffusion coefficient g_σ = a·sqrt(σ/(1 − σ')), σ' = σ except where σ ≥ 1, where σ' =
-    ``sigma_max`` (Flow-GRPO: the sampler's first level below 1). With ``sigma_max=None`` σ must be
-    < 1. Scalar or ``[N]`` -> same shape (float64 for Python floats)."""
-    s = torch.as_tensor(sigma, dtype=torch.float64) if not isinstance(sigma, Tensor) else sigma
-    den_sigma = s if sigma_max is None else torch.where(s >= 1.0, torch.full_like(s, sigma_max), s)
-    return noise_level * torch.sqrt(s / (1.0 - den_sigma))
-
-
-def sde_step_mean_std(
-    x_t: Tensor,
-    v: Tensor,
-    sigma: Tensor | float,
-    sigma_next: Tensor | float,
-    noise_level: float,
-    sigma_max: float | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Mean and std of the Euler–Maruyama step σ -> σ_next (< σ) of the Flow-GRPO SDE.
-
-    μ = x + [v + g²/(2σ)·(x + (1 − σ)·v)]·Δ,  s = g·sqrt(−Δ),  Δ = σ_next − σ,  g = sde_std(σ).
-
-    Args:
-        x_t: ``[N, ...]`` current sample x_σ.  v: ``[N, ...]`` velocity at (x_σ, σ).
-        sigma, sigma_next: scalars or ``[N]``.
-    Returns:
-        ``(mean [N, ...], std [N, 1, ..., 1] or [])`` in float32 (float64 if the inputs are).
-    """
-    dt_ = _compute_dtype(v)
-    x = x_t.to(dt_)  # [N, ...]
-    v = v.to(dt_)  # [N, ...]
-    s = _bcast(torch.as_tensor(sigma, dtype=torch.float64), x)  # [N, 1, ...] or []
-    s_next = _bcast(torch.as_tensor(sigma_next, dtype=torch.float64), x)  # [N, 1, ...] or []
-    delta = s_next - s  # [N, 1, ...] Δ < 0
-    g = sde_std(s, noise_level, sigma_max).to(dt_)  # [N, 1, ...] g_σ
-    mean = x + (v + g**2 / (2.0 * s) * (x + (1.0 - s) * v)) * delta  # [N, ...] μ
-    std = g * torch.sqrt(-delta)  # [N, 1, ...] s
-    return mean, std
-
-
-def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor, reduce: str = "mean") -> Tensor:
-    """Per-sample log N(x; μ, s²·I): the elementwise log-density −(x − μ)²/(2s²) − log s − ½log 2π,
-    then averaged ("mean", Flow-GRPO's choice: a per-dimension log-prob) or summed ("sum", the joint
-    log-density) over the non-batch dims. ``x``, ``mean`` ``[N, ...]``; ``std`` broadcastable ->
-    ``[N]``."""
-    _require(reduce in LOG_PROB_REDUCTIONS, "reduce", f"one of {LOG_PROB_REDUCTIONS}", reduce)
-    std = std.to(mean.dtype).expand_as(mean)  # [N, ...]
-    lp = (
-        -((x.detach().to(mean.dtype) - mean) ** 2) / (2.0 * std**2)
-        - torch.log(std)
-        - 0.5 * math.log(2 * math.pi)
-    )  # [N, ...]
-    flat = lp.reshape(lp.shape[0], -1)  # [N, D]
-    return flat.mean(dim=1) if reduce == "mean" else flat.sum(dim=1)  # [N]
 
 
 def sde_step(
@@ -188,7 +140,11 @@ def gaussian_kl_same_std(mean_theta: Tensor, mean_ref: Tensor, std: Tensor | flo
 
 @dataclass
 class GRPOConfig:
-    """Hyperparameters of the Flow-GRPO-style baseline (defaults from the Flow-GRPO code base)."""
+    """Hyperparameters of the Flow-GRPO-style baseline (defaults from the Flow-GRPO code base).
+
+    noise_level, num_sampling_steps, time_shift and guidance_scale describe the sampling policy: they
+    must equal the samplers' ``sampling.sde_noise_level``, ``num_steps``, ``shift`` and
+    ``guidance_scale`` (checked when a recipe loads, and per group against its records)."""
 
     noise_level: float = 0.7
     """a in the SDE diffusion g_σ = a·sqrt(σ/(1 − σ))."""
@@ -196,6 +152,9 @@ class GRPOConfig:
     """SDE sampler steps for training rollouts (log-probs recorded for each)."""
     time_shift: float = 3.0
     """SD3 shift of the sampler's schedule."""
+    guidance_scale: float = 1.0
+    """CFG scale w of the policy's velocity v^w = v(·, ∅) + w·(v(·, c) − v(·, ∅)) in the SDE step, for
+    sampling and training alike (Flow-GRPO: 4.5 on SD3); 1 = no CFG."""
     train_fraction: float = 0.99
     """Fraction of the denoising steps (from the noisiest) trained on per sample."""
     clip_range: float = 1e-4
@@ -216,6 +175,7 @@ class GRPOConfig:
         _require(self.noise_level > 0, "noise_level", "> 0", self.noise_level)
         _require(self.num_sampling_steps >= 1, "num_sampling_steps", ">= 1", self.num_sampling_steps)
         _require(self.time_shift > 0, "time_shift", "> 0", self.time_shift)
+        _require(self.guidance_scale >= 0, "guidance_scale", ">= 0", self.guidance_scale)
         _require(0.0 < self.train_fraction <= 1.0, "train_fraction", "in (0, 1]", self.train_fraction)
         _require(self.clip_range > 0, "clip_range", "> 0", self.clip_range)
         _require(self.adv_clip > 0, "adv_clip", "> 0", self.adv_clip)

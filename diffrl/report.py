@@ -1,0 +1,611 @@
+"""``diffrl report RUN_DIR [RUN_DIR ...] [--out DIR] [--target T]``: curves, before/after grids and a
+markdown summary of one or more finished (or partial) ``diffrl train`` run folders.
+
+Loading is pure: :func:`load_run` reads a run folder into a :class:`Run` (config.yaml, metrics.jsonl,
+eval.jsonl, summary.json, grids/) and never fails on a partial run: a missing file, a truncated last
+line or a run killed mid-way become entries of ``Run.warnings``. A path that is not a run folder at
+all raises :class:`NotARunFolder` (the command exits 2).
+
+Conventions of the figures and tables:
+
+- samples seen = cumulative ``samples`` of the learner's step records (``kind: train`` lines of
+  metrics.jsonl) through a step; an evaluation at step s is placed at the samples and wall time of
+  step s (step 0: 0 samples, 0 s);
+- wall time = the step record's ``time`` (seconds since the job started); a resumed run (``--resume``
+  appends to metrics.jsonl and restarts its clock) continues from the last time before the resume,
+  and a step recorded twice (redone after the resume) keeps its last record;
+- the run's wall time is summary.json's ``seconds`` (start to end of the job, evaluations and set-up
+  included) for a finished, never-resumed run, else the wall time of its last step;
+- target strict accuracy: ``--target 0.35`` (absolute) or ``--target +0.10`` (added to the first
+  run's base strict accuracy; the default); a run reaches it at its first evaluation with strict >=
+  target, reported as (step, samples, wall time) or "not reached".
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+RUN_FILES = ("metrics.jsonl", "eval.jsonl", "config.yaml", "summary.json")
+"""A folder holding none of these is not a run folder."""
+CLAUSES = ("count", "color", "shape", "partial")
+ACCURACY_METRICS = ("strict", *CLAUSES)
+FIDELITY_METRICS = ("fidelity", "off_palette", "fid_shapes", "diversity", "diversity_renders")
+"""Image metrics of the evaluation (diffrl/evaluation.py), when the run logged them."""
+DEFAULT_TARGET = "+0.10"
+
+
+class NotARunFolder(Exception):
+    """A RUN_DIR argument that is not a ``diffrl train`` run folder (or a glob matching nothing)."""
+
+
+@dataclass(frozen=True)
+class TrainPoint:
+    """One learner step (a ``kind: train`` line of metrics.jsonl)."""
+
+    step: int
+    samples: int
+    """Samples trained through this step (cumulative)."""
+    seconds: float
+    """Wall seconds since the job started (resumed segments appended)."""
+    reward: float | None
+    kl: float | None
+
+
+@dataclass(frozen=True)
+class EvalPoint:
+    """One held-out evaluation (a line of eval.jsonl)."""
+
+    step: int
+    samples: int
+    seconds: float
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class TargetHit:
+    """Where a run first reached the target strict accuracy."""
+
+    step: int
+    samples: int
+    seconds: float
+    strict: float
+
+
+@dataclass
+class Run:
+    path: Path
+    name: str
+    algorithm: str
+    seed: int | None
+    train: list[TrainPoint] = field(default_factory=list)
+    evals: list[EvalPoint] = field(default_factory=list)
+    grids: list[tuple[int, Path]] = field(default_factory=list)
+    """(step, image) of grids/step_XXXXXX.png, by step."""
+    summary: dict = field(default_factory=dict)
+    resumed: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.algorithm})"
+
+    @property
+    def finished(self) -> bool:
+        return "end_step" in self.summary
+
+    @property
+    def steps(self) -> int:
+        if self.train:
+            return self.train[-1].step
+        return int(self.summary.get("end_step", 0))
+
+    @property
+    def samples(self) -> int:
+        """Samples trained: the learner's counter in summary.json, else the sum of the step records."""
+        counters = self.summary.get("learner_counters") or {}
+        if "samples_trained" in counters and not self.resumed:
+            return int(counters["samples_trained"])
+        return self.train[-1].samples if self.train else 0
+
+    @property
+    def wall_seconds(self) -> float | None:
+        if self.finished and not self.resumed and "seconds" in self.summary:
+            return float(self.summary["seconds"])
+        return self.train[-1].seconds if self.train else None
+
+    @property
+    def base(self) -> EvalPoint | None:
+        return self.evals[0] if self.evals else None
+
+    @property
+    def final(self) -> EvalPoint | None:
+        return self.evals[-1] if self.evals else None
+
+
+# --------------------------------------------------------------------------------- loading
+def _read_jsonl(path: Path, warnings: list[str]) -> list[dict]:
+    records = []
+    if not path.is_file():
+        return records
+    lines = path.read_text(errors="replace").splitlines()
+    bad = 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(rec, dict) and "step" in rec:
+            records.append(rec)
+        else:
+            bad += 1
+    if bad:
+        warnings.append(f"{path.name}: skipped {bad} unreadable line(s) (a run killed while writing?)")
+    return records
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def is_run_folder(path: Path) -> bool:
+    return path.is_dir() and any((path / f).exists() for f in RUN_FILES)
+
+
+def find_runs(args: Sequence[str]) -> list[Path]:
+    """RUN_DIR arguments (paths or glob patterns the shell left unexpanded) -> run folders, in order,
+    without duplicates. Raises NotARunFolder for a path that is not a run folder or a glob matching
+    none."""
+    out: list[Path] = []
+    for arg in args:
+        if not Path(arg).exists() and any(ch in arg for ch in "*?["):
+            matches = [Path(p) for p in sorted(glob.glob(arg)) if is_run_folder(Path(p))]
+            if not matches:
+                raise NotARunFolder(f"{arg}: the pattern matches no run folder")
+            found = matches
+        else:
+            path = Path(arg)
+            if not path.exists():
+                raise NotARunFolder(f"{arg}: no such folder")
+            if not is_run_folder(path):
+                raise NotARunFolder(f"{arg}: not a run folder (none of {', '.join(RUN_FILES)} there; a quoted "
+                                    "glob pattern such as 'runs/*' skips folders that are not runs)")
+            found = [path]
+        for p in found:
+            if p.resolve() not in {q.resolve() for q in out}:
+                out.append(p)
+    if not out:
+        raise NotARunFolder("no run folder given")
+    return out
+
+
+def _train_points(records: list[dict], warnings: list[str]) -> tuple[list[TrainPoint], bool]:
+    """Step records in file order -> TrainPoints by step (see the module docstring); resumed?"""
+    by_step: dict[int, tuple[dict, float]] = {}
+    offset, last_time, last_step, resumed = 0.0, 0.0, -1, False
+    for rec in records:
+        step = int(rec["step"])
+        t = _number(rec.get("time")) or 0.0
+        if step <= last_step or t < last_time:  # a resumed segment: its clock restarts
+            resumed = True
+            offset += last_time
+        last_step, last_time = step, t
+        by_step[step] = (rec, offset + t)
+    points, total = [], 0
+    for step in sorted(by_step):
+        rec, seconds = by_step[step]
+        total += int(rec.get("samples", 0) or 0)
+        kl = rec.get("kl", rec.get("kl_mean"))
+        points.append(TrainPoint(step, total, seconds, _number(rec.get("reward_mean")), _number(kl)))
+    if points and not any(int(r.get("samples", 0) or 0) for r in records):
+        warnings.append("metrics.jsonl: step records carry no 'samples' count; samples seen shown as 0")
+    return points, resumed
+
+
+def _at_step(train: list[TrainPoint], step: int) -> tuple[int, float]:
+    """(samples, seconds) at the end of ``step``: the last step record <= step (0, 0 before any)."""
+    best = (0, 0.0)
+    for p in train:
+        if p.step > step:
+            break
+        best = (p.samples, p.seconds)
+    return best
+
+
+def load_run(path: str | Path) -> Run:
+    """Read a run folder (see the module docstring). Raises NotARunFolder if it is not one."""
+    path = Path(path)
+    if not is_run_folder(path):
+        raise NotARunFolder(f"{path}: not a run folder (none of {', '.join(RUN_FILES)} there)")
+    warnings: list[str] = []
+    config: dict = {}
+    if (path / "config.yaml").is_file():
+        try:
+            config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        except yaml.YAMLError as err:
+            warnings.append(f"config.yaml unreadable ({err.__class__.__name__}); algorithm and seed unknown")
+    else:
+        warnings.append("no config.yaml: algorithm and seed unknown")
+    run_cfg = config.get("run") or {}
+    algorithm = str((config.get("learner") or {}).get("algorithm", "?"))
+    seed = run_cfg.get("seed")
+
+    summary: dict = {}
+    if (path / "summary.json").is_file():
+        try:
+            summary = json.loads((path / "summary.json").read_text())
+        except json.JSONDecodeError:
+            warnings.append("summary.json unreadable")
+    metrics = _read_jsonl(path / "metrics.jsonl", warnings)
+    if not (path / "metrics.jsonl").is_file():
+        warnings.append("no metrics.jsonl: no training curves")
+    train, resumed = _train_points([r for r in metrics if r.get("kind", "train") == "train"], warnings)
+    if not train:
+        warnings.append("no learner step recorded")
+    if "end_step" not in summary:
+        warnings.append("no finished summary.json: the run was killed or is still running; "
+                        f"reporting the {len(train)} step(s) recorded")
+    resumed = resumed or bool(summary.get("resumed")) or (path / "config.resumed.yaml").is_file()
+    if resumed:
+        warnings.append("resumed run: wall time counts each segment from its own start; a step redone "
+                        "after the resume keeps its last record")
+
+    if (path / "eval.jsonl").is_file():
+        eval_records = _read_jsonl(path / "eval.jsonl", warnings)
+    else:
+        eval_records = [{k: v for k, v in r.items() if k != "kind"} for r in metrics if r.get("kind") == "eval"]
+        warnings.append("no eval.jsonl" + (f": using the {len(eval_records)} evaluation line(s) of metrics.jsonl"
+                                           if eval_records else ": no held-out accuracy"))
+    by_step: dict[int, dict] = {}
+    for rec in eval_records:
+        by_step[int(rec["step"])] = rec  # the last evaluation of a step wins
+    evals = []
+    for step in sorted(by_step):
+        samples, seconds = _at_step(train, step)
+        m = {k: float(v) for k, v in by_step[step].items() if k != "step" and _number(v) is not None}
+        if "fidelity" in m and "off_palette" not in m:  # runs from before off_palette was logged
+            m["off_palette"] = 1.0 - m["fidelity"]
+        evals.append(EvalPoint(step, samples, seconds, m))
+    if len(evals) == 1:
+        warnings.append("only one evaluation: no before/after comparison")
+
+    grids = []
+    for png in sorted((path / "grids").glob("step_*.png")) if (path / "grids").is_dir() else []:
+        try:
+            grids.append((int(png.stem.removeprefix("step_")), png))
+        except ValueError:
+            continue
+    grids.sort()
+    if not grids:
+        warnings.append("no image grids in grids/")
+    return Run(path=path, name=path.resolve().name, algorithm=algorithm, seed=seed if isinstance(seed, int) else None,
+               train=train, evals=evals, grids=grids, summary=summary, resumed=resumed, warnings=warnings)
+
+
+def load_runs(args: Sequence[str]) -> list[Run]:
+    runs = [load_run(p) for p in find_runs(args)]
+    names = [r.name for r in runs]
+    for r in runs:  # same folder name under two output folders: tell them apart
+        if names.count(r.name) > 1:
+            r.name = f"{r.path.resolve().parent.name}/{r.name}"
+    return runs
+
+
+# --------------------------------------------------------------------------------- analysis
+def resolve_target(spec: str | float | None, runs: Sequence[Run]) -> tuple[float | None, str]:
+    """``--target`` -> (strict accuracy, how it was chosen). "+D" (default "+0.10") adds D to the first
+    run's base strict accuracy; a plain number is absolute. None when relative and the first run has
+    no evaluation."""
+    spec = DEFAULT_TARGET if spec is None else str(spec).strip()
+    try:
+        value = float(spec)
+    except ValueError as err:
+        raise ValueError(f"--target {spec!r}: expected an accuracy like 0.35 or an increment like +0.10") from err
+    if not spec.startswith(("+", "-")):
+        return value, f"{value:.3f} (absolute)"
+    base = runs[0].base if runs else None
+    if base is None or "strict" not in base.metrics:
+        return None, f"base {spec} (the first run has no evaluation: no target)"
+    target = base.metrics["strict"] + value
+    return target, f"{target:.3f} = base strict {base.metrics['strict']:.3f} of {runs[0].name} {spec}"
+
+
+def first_reaching(run: Run, target: float | None, metric: str = "strict") -> TargetHit | None:
+    """The first evaluation (by step) with ``metric`` >= target, or None."""
+    if target is None:
+        return None
+    for e in run.evals:
+        if e.metrics.get(metric, -math.inf) >= target - 1e-12:
+            return TargetHit(e.step, e.samples, e.seconds, e.metrics[metric])
+    return None
+
+
+def relative_change(base: float | None, final: float | None) -> float | None:
+    """(final - base) / |base| in percent; None when either is missing or base is 0."""
+    if base is None or final is None or base == 0:
+        return None
+    return 100.0 * (final - base) / abs(base)
+
+
+# --------------------------------------------------------------------------------- formatting
+def fmt_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _fmt_pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.1f} %"
+
+
+def _fmt_hit(hit: TargetHit | None, target: float | None) -> str:
+    if target is None:
+        return "n/a (no target)"
+    if hit is None:
+        return "not reached"
+    return f"step {hit.step}, {hit.samples} samples, {fmt_seconds(hit.seconds)} (strict {hit.strict:.3f})"
+
+
+def run_table(run: Run, target: float | None) -> str:
+    """The markdown tables of one run: facts, then accuracy and image metrics base -> final."""
+    base, final = run.base, run.final
+    wall = fmt_seconds(run.wall_seconds) + ("" if run.finished else " (partial)")
+    rows = [
+        ("run folder", f"`{run.path}`"),
+        ("algorithm", run.algorithm),
+        ("seed", "n/a" if run.seed is None else str(run.seed)),
+        ("steps", str(run.steps) + ("" if run.finished else " (partial run)")),
+        ("samples trained", str(run.samples)),
+        ("wall time", wall),
+        ("evaluations", f"{len(run.evals)}" + (f" (steps {base.step} to {final.step})" if base else "")),
+        (f"reached target strict {_fmt(target)}", _fmt_hit(first_reaching(run, target), target)),
+    ]
+    lines = ["| | |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in rows)]
+    if base is None:
+        return "\n".join(lines) + "\n\nNo held-out evaluation in this run.\n"
+    lines += ["", f"| held-out metric | base (step {base.step}) | final (step {final.step}) | change | relative |",
+              "| --- | --- | --- | --- | --- |"]
+    for key in (*ACCURACY_METRICS, *FIDELITY_METRICS):
+        b, f = base.metrics.get(key), final.metrics.get(key)
+        if b is None and f is None:
+            continue
+        change = None if b is None or f is None else f - b
+        digits = {"fid_shapes": 2, "fidelity": 4, "off_palette": 4}.get(key, 3)
+        sign = "n/a" if change is None else f"{change:+.{digits}f}"
+        lines.append(f"| {key} | {_fmt(b, digits)} | {_fmt(f, digits)} | {sign} | {_fmt_pct(relative_change(b, f))} |")
+    return "\n".join(lines) + "\n"
+
+
+def overview_table(runs: Sequence[Run], target: float | None) -> str:
+    lines = [("| run | algorithm | seed | steps | samples | wall time | base strict | final strict "
+              "| off_palette base → final | fid_shapes base → final | target reached at |"),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def pair(b: EvalPoint | None, f: EvalPoint | None, key: str, digits: int) -> str:
+        if b is None or f is None or key not in b.metrics or key not in f.metrics:
+            return "n/a"
+        return f"{b.metrics[key]:.{digits}f} → {f.metrics[key]:.{digits}f}"
+
+    for r in runs:
+        b, f = r.base, r.final
+
+        hit = first_reaching(r, target)
+        reached = "n/a" if target is None else ("not reached" if hit is None else
+                                                f"{hit.samples} samples, {fmt_seconds(hit.seconds)}")
+        lines.append(f"| {r.name} | {r.algorithm} | {'n/a' if r.seed is None else r.seed} | {r.steps}"
+                     f"{'' if r.finished else '*'} | {r.samples} | {fmt_seconds(r.wall_seconds)} "
+                     f"| {_fmt(b.metrics.get('strict') if b else None)} | {_fmt(f.metrics.get('strict') if f else None)} "
+                     f"| {pair(b, f, 'off_palette', 4)} | {pair(b, f, 'fid_shapes', 2)} | {reached} |")
+    if any(not r.finished for r in runs):
+        lines.append("\n\\* partial run (no finished summary.json)")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------- figures
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, acc = [], []
+    for v in values:
+        acc.append(v)
+        if len(acc) > window:
+            acc.pop(0)
+        out.append(sum(acc) / len(acc))
+    return out
+
+
+PANELS = {
+    "training": (("reward", "train reward (mean per step)"), ("kl", "KL (learner's estimate)")),
+    "accuracy": (("strict", "held-out strict accuracy"), ("count", "held-out count"),
+                 ("color", "held-out color"), ("shape", "held-out shape")),
+    "fidelity": (("off_palette", "off-palette pixel fraction (1 - fidelity)"),
+                 ("fid_shapes", "fid_shapes (vs renders; lower is better)"),
+                 ("diversity", "within-prompt diversity (dashed: renders)")),
+}
+"""Figure name -> panels (metric, title). Each figure is drawn against samples and against wall time."""
+
+
+def plot_curves(runs: Sequence[Run], out: Path) -> list[Path]:
+    """One PNG per (figure in PANELS, x axis in samples | wall): every run overlaid, labelled with its
+    name and algorithm. Figures whose metrics no run logged are skipped. Returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    written = []
+    def has(run: Run, figure: str, key: str) -> bool:
+        if figure == "training":
+            return any(getattr(p, key) is not None for p in run.train)
+        return any(key in e.metrics for e in run.evals)
+
+    for figure, panels in PANELS.items():
+        panels = [(k, t) for k, t in panels if any(has(r, figure, k) for r in runs)]
+        if not panels:
+            continue
+        for axis, xlabel in (("samples", "samples seen"), ("wall", "wall time (min)")):
+            fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+            for ax, (key, title) in zip(axes[0], panels):
+                for i, run in enumerate(runs):
+                    color = colors[i % len(colors)]
+                    if figure == "training":
+                        pts = [p for p in run.train if getattr(p, key) is not None]
+                        xs = [p.samples if axis == "samples" else p.seconds / 60 for p in pts]
+                        ys = [getattr(p, key) for p in pts]
+                        window = max(1, len(ys) // 25)
+                        if window > 1:
+                            ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.8)
+                        ax.plot(xs, _smooth(ys, window), color=color, label=run.label)
+                    else:
+                        pts = [e for e in run.evals if key in e.metrics]
+                        xs = [e.samples if axis == "samples" else e.seconds / 60 for e in pts]
+                        ax.plot(xs, [e.metrics[key] for e in pts], marker="o", markersize=3, color=color,
+                                label=run.label)
+                        if key == "diversity":
+                            ref = [e for e in run.evals if "diversity_renders" in e.metrics]
+                            ax.plot([e.samples if axis == "samples" else e.seconds / 60 for e in ref],
+                                    [e.metrics["diversity_renders"] for e in ref], linestyle="--",
+                                    color=color, alpha=0.6)
+                ax.set_title(title, fontsize=9)
+                ax.set_xlabel(xlabel)
+                ax.grid(alpha=0.3)
+            axes[0][0].legend(fontsize=7, loc="best")
+            fig.tight_layout()
+            path = out / f"{figure}_{axis}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
+def before_after(run: Run, out: Path) -> Path | None:
+    """The first and the last evaluation grid of a run side by side, captioned with step, samples and
+    strict accuracy, as ``grids_<run>.png``; None when the run has no grid."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    if not run.grids:
+        return None
+    chosen = [run.grids[0]] if len(run.grids) == 1 else [run.grids[0], run.grids[-1]]
+    evals = {e.step: e for e in run.evals}
+    images = [Image.open(p).convert("RGB") for _, p in chosen]
+    header, gap = 22, 16
+    width = sum(im.width for im in images) + gap * (len(images) - 1)
+    height = header + max(im.height for im in images)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    x = 0
+    for (step, _), im, tag in zip(chosen, images, ("before", "after")):
+        e = evals.get(step)
+        caption = f"{tag if len(images) > 1 else 'only grid'}: step {step}"
+        if e is not None:
+            caption += f", {e.samples} samples"
+            if "strict" in e.metrics:
+                caption += f", strict {e.metrics['strict']:.3f}"
+        draw.text((x + 4, 5), caption, fill=(0, 0, 0), font=font)
+        canvas.paste(im, (x, header))
+        x += im.width + gap
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"grids_{run.name.replace('/', '_')}.png"
+    canvas.save(path)
+    return path
+
+
+def write_report(runs: Sequence[Run], out: str | Path, target: str | float | None = None,
+                 command: str = "") -> Path:
+    """Figures, grids and report.md under ``out``; returns the path of report.md."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    target_value, target_text = resolve_target(target, runs)
+    figures = plot_curves(runs, out)
+    grids = {r.name: before_after(r, out) for r in runs}
+    md = ["# Training report", "",
+          f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+          + (f" by `{command}`" if command else "") + ".", "",
+          f"Target strict accuracy: {target_text}.", "",
+          ("Samples seen = samples trained by the learner; an evaluation is placed at the samples and wall "
+           "time of its step. Held-out metrics are those of `diffrl eval` (docs/shapes_world.md)."), ""]
+    warned = [(r, w) for r in runs for w in r.warnings]
+    if warned:
+        md += ["## Warnings", "", *(f"- **{r.name}**: {w}" for r, w in warned), ""]
+    md += ["## Runs", "", overview_table(runs, target_value), "## Curves", ""]
+    for path in figures:
+        if path.stem.endswith("_samples"):
+            wall = path.with_name(path.stem.removesuffix("_samples") + "_wall.png")
+            md += [f"![{path.stem}]({path.name})", "",
+                   f"Against wall time: [{wall.name}]({wall.name})" if wall in figures else "", ""]
+    if not figures:
+        md += ["No curves: no run recorded a step or an evaluation.", ""]
+    for r in runs:
+        md += [f"## {r.label}", "", run_table(r, target_value)]
+        if grids[r.name] is not None:
+            md += [f"![before and after: {r.name}]({grids[r.name].name})", ""]
+    (out / "report.md").write_text("\n".join(md))
+    return out / "report.md"
+
+
+# --------------------------------------------------------------------------------- command
+def cmd_report(args: argparse.Namespace) -> int:
+    try:
+        runs = load_runs(args.run_dirs)
+    except NotARunFolder as err:
+        print(f"diffrl report: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else (runs[0].path / "report" if len(runs) == 1 else Path("report"))
+    for r in runs:
+        for w in r.warnings:
+            print(f"warning: {r.name}: {w}", file=sys.stderr)
+    try:
+        command = " ".join(["diffrl report", *args.run_dirs, *(["--out", args.out] if args.out else []),
+                            *(["--target", args.target] if args.target else [])])
+        path = write_report(runs, out, args.target, command=command)
+    except ValueError as err:
+        print(f"diffrl report: {err}", file=sys.stderr)
+        return 2
+    print(f"report: {path}")
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``report`` to the ``diffrl`` subcommands."""
+    p = sub.add_parser(
+        "report", help="curves, before/after grids and a markdown summary of run folders",
+        description="Read one or more `diffrl train` run folders (metrics.jsonl, eval.jsonl, summary.json, "
+                    "config.yaml, grids/) and write under --out: PNG curves of train reward, KL, held-out "
+                    "strict and per-clause accuracy and image metrics (off_palette, fid_shapes, diversity) "
+                    "against samples seen and wall time, every run overlaid (label: run name + algorithm); "
+                    "the first and last evaluation grid of each run side by side; and report.md with a table "
+                    "per run (algorithm, seed, steps, samples, wall time, base and final accuracy, fidelity "
+                    "drift, samples and wall time to reach --target). Partial runs (killed, missing "
+                    "eval.jsonl) are reported with warnings; a path that is not a run folder exits 2.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  diffrl report runs/shapes-crd\n"
+               "  diffrl report runs/shapes-* --out report --target 0.35\n"
+               "  diffrl report 'runs/*-seed*' --target +0.05   (quoted globs are expanded too)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (or glob patterns)")
+    p.add_argument("--out", metavar="DIR",
+                   help="output folder (default: RUN_DIR/report for one run, ./report for several)")
+    p.add_argument("--target", metavar="T", default=None,
+                   help="target strict accuracy: absolute (0.35) or an increment on the first run's base "
+                        f"strict accuracy (+0.10; the default is {DEFAULT_TARGET})")
+    p.set_defaults(func=cmd_report)

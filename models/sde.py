@@ -1,0 +1,136 @@
+"""Flow-GRPO's SDE sampling step (arXiv 2505.05470) as pure tensor functions, shared by the sampler
+(``FlowModel.sample_sde`` draws and records it) and the GRPO learner (``learner/algorithms/grpo.py``
+re-exports these functions and recomputes the step's log-density under θ), so both sides evaluate
+one formula and an on-policy ratio is exactly 1. The derivation is in grpo.py's docstring.
+
+Notation as in ALGORITHMS.md: σ ∈ [0, 1] the noise level, x_σ = (1 − σ)·x0 + σ·ε, v(x, σ) ≈ E[ε − x0 |
+x_σ = x]. One step σ -> σ' < σ, Δ = σ' − σ:
+
+    x_{σ'} = μ + s·z,  μ = x + [v + g_σ²/(2σ)·(x + (1 − σ)·v)]·Δ,  s = g_σ·sqrt(−Δ),
+    g_σ = a·sqrt(σ/(1 − σ)),  z ~ N(0, I)
+
+The keys a sampler with ``sampler.record_log_probs`` writes into each ``Sample.extras`` (S = the
+sampler's ``sampling.num_steps``, ``[C, H, W]`` the latent shape) are the ``EXTRA_*`` constants.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+Tensor = torch.Tensor
+
+LOG_PROB_REDUCTIONS = ("mean", "sum")
+
+EXTRA_LATENTS = "sde_latents"
+"""float32 ``[S + 1, C, H, W]``: the trajectory x_{σ_0} (the initial noise), ..., x_{σ_S} (= the sample's
+``latent``) of the SDE sampler."""
+EXTRA_LOG_PROBS = "sde_log_probs"
+"""float32 ``[S]``: log p(x_{σ_{j+1}} | x_{σ_j}) of the sampling policy per step, the per-dimension mean
+(``gaussian_log_prob(reduce="mean")``)."""
+EXTRA_SIGMAS = "sde_sigmas"
+"""float64 ``[S + 1]``: the noise levels σ_0 = 1 > ... > σ_S = 0 of the trajectory."""
+EXTRA_NOISE_LEVEL = "sde_noise_level"
+"""float64 ``[]``: the SDE's noise level a."""
+EXTRA_GUIDANCE_SCALE = "sde_guidance_scale"
+"""float64 ``[]``: the CFG scale of the sampling velocity (1 = no CFG)."""
+EXTRA_KEYS = (EXTRA_LATENTS, EXTRA_LOG_PROBS, EXTRA_SIGMAS, EXTRA_NOISE_LEVEL, EXTRA_GUIDANCE_SCALE)
+
+
+def _require(condition: bool, name: str, expected: str, got: object = None) -> None:
+    if not condition:
+        raise ValueError(f"{name}: expected {expected}, got {got!r}")
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """float32 for half/bf16 inputs, the input's own dtype for float32/float64."""
+    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _bcast(s: Tensor, like: Tensor) -> Tensor:
+    """A scalar or per-sample ``[N]`` value, shaped ``[N, 1, ..., 1]`` to broadcast against ``like``."""
+    s = torch.as_tensor(s, dtype=like.dtype, device=like.device)
+    if s.ndim == 0:
+        return s  # []
+    return s.reshape(-1, *([1] * (like.ndim - 1)))  # [N, 1, ..., 1]
+
+
+def sde_sigmas(num_steps: int, shift: float = 1.0) -> Tensor:
+    """The SDE sampler's levels ``[num_steps + 1]`` float64 from 1 to 0: σ_k = shift·τ/(1 + (shift − 1)·τ),
+    τ = 1 − k/num_steps (the same values as ``learner.algorithms.crd.sampling_sigmas``)."""
+    _require(num_steps >= 1, "num_steps", ">= 1", num_steps)
+    tau = 1.0 - torch.arange(num_steps + 1, dtype=torch.float64) / num_steps  # [S + 1]
+    return shift * tau / (1.0 + (shift - 1.0) * tau)  # [S + 1]
+
+
+def sde_std(sigma: Tensor | float, noise_level: float, sigma_max: float | None = None) -> Tensor:
+    """Diffusion coefficient g_σ = a·sqrt(σ/(1 − σ')), σ' = σ except where σ ≥ 1, where σ' =
+    ``sigma_max`` (Flow-GRPO: the sampler's first level below 1). With ``sigma_max=None`` σ must be
+    < 1. Scalar or ``[N]`` -> same shape (float64 for Python floats)."""
+    s = torch.as_tensor(sigma, dtype=torch.float64) if not isinstance(sigma, Tensor) else sigma
+    den_sigma = s if sigma_max is None else torch.where(s >= 1.0, torch.full_like(s, sigma_max), s)
+    return noise_level * torch.sqrt(s / (1.0 - den_sigma))
+
+
+def sde_step_mean_std(
+    x_t: Tensor,
+    v: Tensor,
+    sigma: Tensor | float,
+    sigma_next: Tensor | float,
+    noise_level: float,
+    sigma_max: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Mean and std of the Euler–Maruyama step σ -> σ_next (< σ) of the Flow-GRPO SDE.
+
+    μ = x + [v + g²/(2σ)·(x + (1 − σ)·v)]·Δ,  s = g·sqrt(−Δ),  Δ = σ_next − σ,  g = sde_std(σ).
+
+    Args:
+        x_t: ``[N, ...]`` current sample x_σ.  v: ``[N, ...]`` velocity at (x_σ, σ).
+        sigma, sigma_next: scalars or ``[N]``.
+    Returns:
+        ``(mean [N, ...], std [N, 1, ..., 1] or [])`` in float32 (float64 if the inputs are).
+    """
+    dt_ = _compute_dtype(v)
+    x = x_t.to(dt_)  # [N, ...]
+    v = v.to(dt_)  # [N, ...]
+    s = _bcast(torch.as_tensor(sigma, dtype=torch.float64), x)  # [N, 1, ...] or []
+    s_next = _bcast(torch.as_tensor(sigma_next, dtype=torch.float64), x)  # [N, 1, ...] or []
+    delta = s_next - s  # [N, 1, ...] Δ < 0
+    g = sde_std(s, noise_level, sigma_max).to(dt_)  # [N, 1, ...] g_σ
+    mean = x + (v + g**2 / (2.0 * s) * (x + (1.0 - s) * v)) * delta  # [N, ...] μ
+    std = g * torch.sqrt(-delta)  # [N, 1, ...] s
+    return mean, std
+
+
+def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor, reduce: str = "mean") -> Tensor:
+    """Per-sample log N(x; μ, s²·I): the elementwise log-density −(x − μ)²/(2s²) − log s − ½log 2π,
+    then averaged ("mean", Flow-GRPO's choice: a per-dimension log-prob) or summed ("sum", the joint
+    log-density) over the non-batch dims. ``x``, ``mean`` ``[N, ...]``; ``std`` broadcastable ->
+    ``[N]``."""
+    _require(reduce in LOG_PROB_REDUCTIONS, "reduce", f"one of {LOG_PROB_REDUCTIONS}", reduce)
+    std = std.to(mean.dtype).expand_as(mean)  # [N, ...]
+    lp = (
+        -((x.detach().to(mean.dtype) - mean) ** 2) / (2.0 * std**2)
+        - torch.log(std)
+        - 0.5 * math.log(2 * math.pi)
+    )  # [N, ...]
+    flat = lp.reshape(lp.shape[0], -1)  # [N, D]
+    return flat.mean(dim=1) if reduce == "mean" else flat.sum(dim=1)  # [N]
+
+
+def sde_step_with_noise(
+    x_t: Tensor,
+    v: Tensor,
+    noise: Tensor,
+    sigma: Tensor | float,
+    sigma_next: Tensor | float,
+    noise_level: float,
+    sigma_max: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One SDE sampling step with given standard-normal ``noise`` z ``[N, ...]``: ``(x_next [N, ...],
+    log_prob [N])`` with x_next = μ + s·z and its per-dimension mean log-density (the sampler's
+    record; ``sde_step`` in grpo.py is the same step drawing z from a generator)."""
+    mean, std = sde_step_mean_std(x_t, v, sigma, sigma_next, noise_level, sigma_max)
+    x_next = mean + std * noise.to(mean.dtype)  # [N, ...]
+    return x_next, gaussian_log_prob(x_next, mean, std, "mean")

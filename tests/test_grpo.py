@@ -1,0 +1,134 @@
+"""Flow-GRPO end to end on the tiny SD3 model: the SDE sampler records trajectories and per-step
+log-probs, they travel through a real Redis stream (codec included), the DeepSpeed learner recomputes
+them under θ (ratio 1 on-policy), trains a step, and a recipe that cannot give GRPO its records is
+refused when it loads."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from actors.config import SamplerConfig
+from actors.prompts import PromptSource
+from actors.sampler import Sampler
+from diffrl.config import ConfigError, load_config
+from diffrl.embedded_redis import EmbeddedRedis
+from diffrl.schema import TrainConfig
+from learner import metrics as M
+from learner.algorithms.grpo import GRPOConfig
+from learner.config import LearnerConfig
+from learner.learner import Learner
+from models.adapter import FlowModel
+from models.config import SamplingConfig
+from models.sde import EXTRA_LATENTS, EXTRA_LOG_PROBS, EXTRA_SIGMAS, sde_sigmas
+from models.shapes_world import train_prompts
+from proto import experience_pb2
+from proto.bus import ExperienceConsumer, ExperienceProducer
+from proto.codec import tensor_from_proto
+from reward_servers.client import GroupScores
+from reward_servers.scorers import get_scorer
+
+REPO = Path(__file__).resolve().parents[1]
+K, G, STEPS, SHIFT, NOISE, CFG = 4, 2, 4, 3.0, 0.7, 2.0
+
+
+class InProcessScorer:
+    """The real compressibility scorer called in-process (the HTTP path is test_sampler's)."""
+
+    def __init__(self):
+        self.scorer = get_scorer("compressibility")
+
+    def score_groups(self, groups):
+        out = []
+        for g in groups:
+            n = len(g.images)
+            scores, _ = self.scorer.score_batch(list(g.images), [g.prompt] * n, [{}] * n)
+            out.append(GroupScores(scores={"compressibility": scores}, combined=scores))
+        return out
+
+
+def grpo_learner_config() -> LearnerConfig:
+    cfg = LearnerConfig(algorithm="grpo", groups_per_step=G, torch_threads=1, checkpoint_every=0, lr=1e-3,
+                        device="cpu", dtype="float32", seed=0)
+    cfg.grpo = GRPOConfig(noise_level=NOISE, num_sampling_steps=STEPS, time_shift=SHIFT, guidance_scale=CFG,
+                          train_fraction=0.75)
+    return cfg
+
+
+def test_sde_sampler_records_match_the_learner_and_a_grpo_step_trains(tiny_model):
+    model = FlowModel.from_pretrained(str(tiny_model), device="cpu")
+    sampling = SamplingConfig(num_steps=STEPS, shift=SHIFT, guidance_scale=CFG, sde_noise_level=NOISE)
+    with EmbeddedRedis() as redis:
+        sampler = Sampler("s0", SamplerConfig(k=K, groups_per_round=G, sampling=sampling, record_log_probs=True),
+                          model, InProcessScorer(), ExperienceProducer(redis.client(), stream="experience"),
+                          PromptSource(train_prompts(), 0, 1))
+        assert sampler.run_round().groups == G
+        groups = [g for _, g in ExperienceConsumer(redis.client(), stream="experience").read(max_groups=10,
+                                                                                             block_ms=100)]
+    assert len(groups) == G
+    s0 = groups[0].samples[0]
+    latents = tensor_from_proto(s0.extras[EXTRA_LATENTS])
+    assert latents.shape == (STEPS + 1, *model.latent_shape)
+    assert tensor_from_proto(s0.extras[EXTRA_LOG_PROBS]).shape == (STEPS,)
+    assert torch.equal(latents[-1], tensor_from_proto(s0.latent))  # the trajectory ends at the sample
+    assert torch.equal(latents[0], model.initial_noise([s0.seed])[0])  # and starts at the seed's ε
+    assert torch.equal(tensor_from_proto(s0.extras[EXTRA_SIGMAS]), GRPOConfig(num_sampling_steps=STEPS,
+                                                                               time_shift=SHIFT).sigmas())
+    # the SDE trajectory is a function of (prompt, seed) alone: another batch gives the same one
+    again = model.sample_sde([groups[0].prompt], [s0.seed], num_steps=STEPS, guidance_scale=CFG, shift=SHIFT,
+                             noise_level=NOISE)
+    assert torch.allclose(again.latents[0], latents, atol=1e-5)
+
+    registry = CollectorRegistry()
+    learner = Learner(grpo_learner_config(), FlowModel.from_pretrained(str(tiny_model), device="cpu"),
+                      registry=registry)
+    assert learner.T == 3 and learner.p_samp is learner.p_old
+    # same weights as the sampler: log p_θ recomputed at the recorded (x_j, x_{j+1}) is the record
+    log_ratio = learner.grpo_log_ratios(groups)  # [G, K, T]
+    assert log_ratio.shape == (G, K, 3) and float(log_ratio.abs().max()) < 1e-5
+
+    theta0 = learner.theta_state_dict()
+    stats = learner.train_on_groups(groups)
+    for key in ("loss", "policy_loss", "kl", "clip_fraction", "ratio_mean", "approx_kl", "grad_norm"):
+        assert math.isfinite(stats[key]), (key, stats[key])
+    assert stats["clip_fraction"] == 0.0 and stats["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert stats["grad_norm"] > 0 and stats["samples"] == G * K and learner.step == 1
+    theta = learner.theta_state_dict()
+    assert any(not torch.equal(theta0[k], theta[k]) for k in theta)
+    samp = learner.snapshot_state_dict("p_samp")
+    assert all(torch.equal(samp[k], theta[k]) for k in theta)  # the samplers get θ itself
+    assert registry.get_sample_value(M.GRPO_RATIO_MEAN) == pytest.approx(stats["ratio_mean"])
+    assert registry.get_sample_value(M.GRPO_CLIP_FRACTION) == 0.0
+    # θ moved: the same records are now off-policy, which is what the ratio measures
+    assert float(learner.grpo_log_ratios(groups).abs().max()) > 1e-6
+
+    # a group without records (an ODE sampler's) cannot be trained by GRPO
+    bare = experience_pb2.Group()
+    bare.CopyFrom(groups[0])
+    for s in bare.samples:
+        s.ClearField("extras")
+    assert "record_log_probs" in learner.group_problem(bare)
+
+
+def test_grpo_recipe_needs_a_recording_sde_sampler():
+    cfg = load_config(TrainConfig, REPO / "deploy" / "configs" / "shapes-cpu-grpo.yaml")
+    assert cfg.learner.algorithm == "grpo" and cfg.sampler.record_log_probs
+    assert torch.equal(sde_sigmas(cfg.sampler.sampling.num_steps, cfg.sampler.sampling.shift), cfg.learner.grpo.sigmas())
+    for overrides, field in [
+        (["learner.algorithm=grpo"], "sampler.record_log_probs"),
+        (["learner.algorithm=grpo", "sampler.record_log_probs=true"], "sampler.sampling.sde_noise_level"),
+        (["learner.algorithm=grpo", "sampler.record_log_probs=true", "sampler.sampling.sde_noise_level=0.7",
+          "sampler.sampling.num_steps=4"], "sampler.sampling.num_steps"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            load_config(TrainConfig, overrides=overrides)
+        assert err.value.field == field, (overrides, str(err.value))
