@@ -40,6 +40,11 @@ EVAL_SUBSET_STRICT_ACCURACY = "diffrl_learner_eval_subset_strict_accuracy"
 """Gauge (label subset, e.g. objects_3, one_kind, two_kind): strict accuracy on a prompt subset."""
 EVAL_FIDELITY = "diffrl_learner_eval_fidelity"
 """Gauge: fraction of held-out sample pixels that belong to the world (background or palette colour)."""
+EVAL_FID_SHAPES = "diffrl_learner_eval_fid_shapes"
+"""Gauge: 100 x Fréchet distance of held-out samples to renders of the same pairs (docs/shapes_world.md)."""
+EVAL_DIVERSITY = "diffrl_learner_eval_diversity"
+"""Gauge (label images = samples|renders): within-prompt diversity of the held-out samples and of the
+renders (the world's natural level)."""
 EVAL_STEP = "diffrl_learner_eval_step"
 """Gauge: learner step of the last held-out evaluation."""
 EVAL_SECONDS = "diffrl_learner_eval_seconds"
@@ -87,6 +92,10 @@ class EvalMetrics:
                             ["subset"], registry=r)
         self.fidelity = Gauge(EVAL_FIDELITY, "Fraction of held-out sample pixels that belong to the world.",
                               registry=r)
+        self.fid_shapes = Gauge(EVAL_FID_SHAPES, "Fréchet distance (x100) of held-out samples to renders.",
+                                registry=r)
+        self.diversity = Gauge(EVAL_DIVERSITY, "Within-prompt diversity of held-out images.", ["images"],
+                               registry=r)
         self.step = Gauge(EVAL_STEP, "Learner step of the last held-out evaluation.", registry=r)
         self.seconds = Gauge(EVAL_SECONDS, "Wall time of the last held-out evaluation.", registry=r)
         self.evaluations = Counter(EVALUATIONS_TOTAL[: -len("_total")], "Held-out evaluations run.",
@@ -103,6 +112,11 @@ class EvalMetrics:
                 self.subset.labels(subset=key.removeprefix("strict_")).set(value)
         if "fidelity" in metrics:
             self.fidelity.set(metrics["fidelity"])
+        if "fid_shapes" in metrics:
+            self.fid_shapes.set(metrics["fid_shapes"])
+        for key, images in (("diversity", "samples"), ("diversity_renders", "renders")):
+            if key in metrics:
+                self.diversity.labels(images=images).set(metrics[key])
         self.seconds.set(metrics.get("seconds", 0.0))
         self.step.set(step)
         self.evaluations.inc()

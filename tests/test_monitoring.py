@@ -66,12 +66,16 @@ def test_eval_gauges_follow_the_last_evaluation():
     m.observe({"strict": 0.25, "count": 0.5, "color": 1.0, "shape": 0.75, "partial": 0.6, "images": 8.0,
                "strict_objects_3": 0.5, "strict_two_kind": 0.0, "fidelity": 0.97, "seconds": 1.5}, step=10)
     m.observe({"strict": 0.5, "count": 0.75, "color": 1.0, "shape": 0.75, "partial": 0.7, "images": 8.0,
-               "strict_objects_3": 1.0, "strict_two_kind": 0.5, "fidelity": 0.96, "seconds": 1.2}, step=20)
+               "strict_objects_3": 1.0, "strict_two_kind": 0.5, "fidelity": 0.96, "seconds": 1.2,
+               "fid_shapes": 14.5, "diversity": 0.27, "diversity_renders": 0.28}, step=20)
     get = registry.get_sample_value
     assert get("diffrl_learner_eval_strict_accuracy") == 0.5
     assert get("diffrl_learner_eval_clause_accuracy", {"clause": "count"}) == 0.75
     assert get("diffrl_learner_eval_subset_strict_accuracy", {"subset": "objects_3"}) == 1.0
     assert get("diffrl_learner_eval_fidelity") == 0.96
+    assert get("diffrl_learner_eval_fid_shapes") == 14.5
+    assert get("diffrl_learner_eval_diversity", {"images": "samples"}) == 0.27
+    assert get("diffrl_learner_eval_diversity", {"images": "renders"}) == 0.28
     assert get("diffrl_learner_eval_step") == 20 and get("diffrl_learner_evaluations_total") == 2
     assert b'subset="images"' not in generate_latest(registry)
 
