@@ -82,10 +82,20 @@ def test_shipped_recipes_load():
 
     from diffrl import cli
 
-    root = Path(__file__).resolve().parents[1]
-    recipes = {"pretrain-shapes.yaml": PretrainConfig}
-    for name, schema in recipes.items():
-        load_config(schema, root / "deploy" / "configs" / name)
+    from diffrl.schema import TrainConfig
+
+    configs = Path(__file__).resolve().parents[1] / "deploy" / "configs"
+    loaded = {}
+    for path in sorted(configs.glob("*.yaml")):
+        loaded[path.name] = load_config(PretrainConfig if path.name.startswith("pretrain") else TrainConfig, path)
+    assert {"pretrain-shapes.yaml", "shapes-cpu.yaml", "shapes-cpu-nft.yaml", "shapes-cpu-grpo.yaml"} <= set(loaded)
+    # the algorithm comparison (docs/results.md): same model, samplers' batch, reward, LoRA, lr and evaluation
+    crd, nft, grpo = (loaded[f"shapes-cpu{s}.yaml"] for s in ("", "-nft", "-grpo"))
+    assert (crd.learner.algorithm, nft.learner.algorithm, grpo.learner.algorithm) == ("crd", "nft", "grpo")
+    for other in (nft, grpo):
+        assert other.model == crd.model and other.rewards == crd.rewards and other.eval == crd.eval
+        assert other.learner.lora == crd.learner.lora and other.learner.lr == crd.learner.lr
+        assert other.learner.groups_per_step == crd.learner.groups_per_step and other.sampler.k == crd.sampler.k
     importlib.import_module("diffrl.cli")
     assert cli.split_recipe(["a.yaml", "x=1"]) == ("a.yaml", ["x=1"])
     assert cli.split_recipe(["x=1"]) == (None, ["x=1"])
