@@ -12,11 +12,12 @@ export RAY_AUTH_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: venv sysdeps test demo proto lint pretrain bench clean help
+.PHONY: venv sysdeps test demo results proto lint pretrain bench clean help
 
 help:
 	@echo "make demo   - set up .venv and run the shapes-world demo on the embedded default"
 	@echo "make test   - set up .venv and system packages, run the whole test suite"
+	@echo "make results - the CRD / ablation / NFT / GRPO runs and report of docs/results.md (~75 min on 2 cores)"
 	@echo "make proto  - regenerate proto/*_pb2.py from proto/*.proto"
 	@echo "make lint   - ruff"
 
@@ -38,6 +39,9 @@ test: venv sysdeps
 
 demo: venv sysdeps
 	$(VENV)/bin/diffrl demo
+
+results: venv sysdeps
+	bash scripts/results.sh
 
 proto: venv
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. proto/*.proto
