@@ -997,6 +997,11 @@ class Learner:
             dist.barrier()
             dist.destroy_process_group()
             self._owns_process_group = False
+            # DeepSpeed caches a clone of the world group; a later learner in this process (a new group)
+            # would otherwise be handed the destroyed one ("Group ... is not registered").
+            from deepspeed.utils import groups as ds_groups
+
+            ds_groups._WORLD_GROUP = None
 
     # ================================================================ checkpoints
     def save_checkpoint(self) -> Path:
