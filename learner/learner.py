@@ -424,7 +424,7 @@ class Learner:
         for i, s in enumerate(group.samples):
             if not s.HasField("latent") or tuple(s.latent.shape) != shape:
                 return f"sample {i}: latent shape {tuple(s.latent.shape)}, expected {shape}"
-            if s.latent.dtype not in ("float32", "float16", "bfloat16", "float64"):
+            if s.latent.dtype not in _FLOAT_WIRE:
                 return f"sample {i}: latent dtype {s.latent.dtype!r} is not floating point"
             if not s.rewards:
                 return f"sample {i}: no rewards"

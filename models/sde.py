@@ -48,7 +48,7 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _bcast(s: Tensor, like: Tensor) -> Tensor:
+def _bcast(s: Tensor | float, like: Tensor) -> Tensor:
     """A scalar or per-sample ``[N]`` value, shaped ``[N, 1, ..., 1]`` to broadcast against ``like``."""
     s = torch.as_tensor(s, dtype=like.dtype, device=like.device)
     if s.ndim == 0:
@@ -57,8 +57,9 @@ def _bcast(s: Tensor, like: Tensor) -> Tensor:
 
 
 def sde_sigmas(num_steps: int, shift: float = 1.0) -> Tensor:
-    """The SDE sampler's levels ``[num_steps + 1]`` float64 from 1 to 0: σ_k = shift·τ/(1 + (shift − 1)·τ),
-    τ = 1 − k/num_steps (the same values as ``learner.algorithms.crd.sampling_sigmas``)."""
+    """The Euler/SDE sampler's levels ``[num_steps + 1]`` float64 from 1 (pure noise) to 0: σ_k =
+    shift·τ/(1 + (shift − 1)·τ), τ = 1 − k/num_steps; step k evaluates the velocity at σ_k and moves
+    to σ_{k+1} (``learner.algorithms.crd.sampling_sigmas`` is this function)."""
     _require(num_steps >= 1, "num_steps", ">= 1", num_steps)
     tau = 1.0 - torch.arange(num_steps + 1, dtype=torch.float64) / num_steps  # [S + 1]
     return shift * tau / (1.0 + (shift - 1.0) * tau)  # [S + 1]
@@ -130,7 +131,7 @@ def sde_step_with_noise(
 ) -> tuple[Tensor, Tensor]:
     """One SDE sampling step with given standard-normal ``noise`` z ``[N, ...]``: ``(x_next [N, ...],
     log_prob [N])`` with x_next = μ + s·z and its per-dimension mean log-density (the sampler's
-    record; ``sde_step`` in grpo.py is the same step drawing z from a generator)."""
+    record; the learner recomputes it with ``grpo.sde_step_log_prob``)."""
     mean, std = sde_step_mean_std(x_t, v, sigma, sigma_next, noise_level, sigma_max)
     x_next = mean + std * noise.to(mean.dtype)  # [N, ...]
     return x_next, gaussian_log_prob(x_next, mean, std, "mean")

@@ -35,6 +35,7 @@ from learner.algorithms.crd import (
     reward_adaptive_kl_loss,
     velocity_target,
 )
+from models.sde import sde_step_with_noise
 
 F64 = torch.float64
 
@@ -601,10 +602,8 @@ def test_grpo_log_prob_matches_torch_normal():
     lp_sum, _, _ = grpo.sde_step_log_prob(x_t, v, x_next, sig, sig_next, a, reduce="sum")
     assert close(lp_sum, ref.sum(dim=(1, 2)), 1e-10)
     # sampling: x_next = μ + s·z with the generator's z, and its log-prob is consistent
-    xs, lps, _mean_s, _std_s = grpo.sde_step(
-        x_t, v, sig, sig_next, a, generator=torch.Generator().manual_seed(1)
-    )
     z = torch.randn(3, 2, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
+    xs, lps = sde_step_with_noise(x_t, v, z, sig, sig_next, a)
     assert close(xs, mu + sd * z) and close(lps, grpo.sde_step_log_prob(x_t, v, xs, sig, sig_next, a)[0])
 
 

@@ -32,6 +32,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+# One copy of the tensor helpers and of the Euler schedule, shared with the sampler (models/ cannot
+# import learner/).
+from models.sde import _bcast, _compute_dtype
+from models.sde import sde_sigmas as sampling_sigmas
+
 Tensor = torch.Tensor
 
 STD_MODES = ("global", "group")
@@ -47,22 +52,9 @@ def _require(condition: bool, name: str, expected: str, got: object = None) -> N
         raise ValueError(f"{name}: expected {expected}, got {got!r}")
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """float32 for half/bf16 inputs, the input's own dtype for float32/float64."""
-    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-
-
 def _per_sample_mean(x: Tensor) -> Tensor:
     """Mean over every dim but the first: ``[N, ...] -> [N]``."""
     return x.reshape(x.shape[0], -1).mean(dim=1)  # [N]
-
-
-def _bcast(s: Tensor | float, like: Tensor) -> Tensor:
-    """A scalar or per-sample ``[N]`` value, shaped ``[N, 1, ..., 1]`` to broadcast against ``like``."""
-    s = torch.as_tensor(s, dtype=like.dtype, device=like.device)
-    if s.ndim == 0:
-        return s  # []
-    return s.reshape(-1, *([1] * (like.ndim - 1)))  # [N, 1, ..., 1]
 
 
 def _group_mean(x: Tensor, mask: Tensor | None) -> Tensor:
@@ -328,14 +320,6 @@ def unshift_sigma(sigma: Tensor | float, shift: float) -> Tensor:
     """Inverse of ``shift_sigma``: σ = σ'/(shift − (shift − 1)·σ')."""
     sigma = torch.as_tensor(sigma, dtype=torch.float64)
     return sigma / (shift - (shift - 1.0) * sigma)
-
-
-def sampling_sigmas(num_steps: int, shift: float = 1.0) -> Tensor:
-    """The Euler sampler's noise levels: ``[num_steps + 1]`` float64, σ_k = shift(1 − k/num_steps),
-    from 1 (pure noise) down to 0; step k evaluates the velocity at σ_k and moves to σ_{k+1}."""
-    _require(num_steps >= 1, "num_steps", ">= 1", num_steps)
-    tau = 1.0 - torch.arange(num_steps + 1, dtype=torch.float64) / num_steps  # [S + 1]
-    return shift_sigma(tau, shift)  # [S + 1]
 
 
 def noise_levels(

@@ -29,13 +29,14 @@ from dataclasses import dataclass
 
 import torch
 
-from learner.algorithms.crd import _per_sample_mean, _require, sampling_sigmas
+from learner.algorithms.crd import _per_sample_mean, _require
 
 # The SDE step itself lives in models/sde.py: the sampler draws and records it with the same code
 # (models do not import the learner), so recorded and recomputed log-probs agree exactly.
 from models.sde import (
     LOG_PROB_REDUCTIONS,
     gaussian_log_prob,
+    sde_sigmas,
     sde_std,
     sde_step_mean_std,
 )
@@ -43,24 +44,6 @@ from models.sde import (
 Tensor = torch.Tensor
 
 KL_STD_MODES = ("step", "sde")
-
-
-def sde_step(
-    x_t: Tensor,
-    v: Tensor,
-    sigma: Tensor | float,
-    sigma_next: Tensor | float,
-    noise_level: float,
-    sigma_max: float | None = None,
-    generator: torch.Generator | None = None,
-    reduce: str = "mean",
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One SDE sampling step with its log-probability: returns ``(x_next [N, ...], log_prob [N],
-    mean [N, ...], std)`` with x_next = μ + s·z."""
-    mean, std = sde_step_mean_std(x_t, v, sigma, sigma_next, noise_level, sigma_max)
-    z = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)  # [N, ...]
-    x_next = mean + std * z  # [N, ...]
-    return x_next, gaussian_log_prob(x_next, mean, std, reduce), mean, std
 
 
 def sde_step_log_prob(
@@ -191,7 +174,7 @@ class GRPOConfig:
 
     def sigmas(self) -> Tensor:
         """The SDE sampler's levels ``[num_sampling_steps + 1]`` (1 -> 0, shifted)."""
-        return sampling_sigmas(self.num_sampling_steps, self.time_shift)
+        return sde_sigmas(self.num_sampling_steps, self.time_shift)  # the samplers' very function
 
     def sigma_max(self) -> float:
         """The largest level below 1, used for σ = 1 in g_σ's denominator."""
