@@ -298,14 +298,12 @@ def run_sync_loop(cfg: TrainConfig, reward_latency_ms: float = 0.0) -> dict:
     Torch threads follow the recipe per phase (``sampler.torch_threads`` while sampling,
     ``learner.torch_threads`` while training). Reports the figures of :func:`bench_loop` (same
     definitions) plus the sampler's time per stage."""
-    import contextlib
-
     from actors.ray_sampler import SamplerSpec, build_sampler
     from diffrl.config import to_yaml
     from diffrl.embedded_redis import EmbeddedRedis, connect
-    from diffrl.job import JsonLines, _start_rewards, prepare_run_dir
-    from learner.learner import Learner, resolve_device
-    from models.adapter import FlowModel
+    from diffrl.job import JsonLines, _start_rewards, prepare_run_dir, trained_learner_config
+    from diffrl.learner_actor import load_learner_model
+    from learner.learner import Learner
     from proto.weight_sync import LocalWeightChannel
 
     if cfg.learner.world_size != 1:
@@ -315,8 +313,7 @@ def run_sync_loop(cfg: TrainConfig, reward_latency_ms: float = 0.0) -> dict:
         raise ConfigError("run.resume", "not supported by the synchronous benchmark")
     cfg = replace(cfg, run=replace(cfg.run, name=f"{cfg.run.name}-sync"))
     G = cfg.learner.groups_per_step
-    lcfg = replace(cfg.learner, reward_weights=cfg.learner.reward_weights or {r.name: r.weight for r in cfg.rewards},
-                   max_steps=cfg.learner.max_steps or cfg.run.max_steps)
+    lcfg = trained_learner_config(cfg)
     # Backpressure never pauses the lockstep sampler: the stream holds at most one step's groups.
     scfg = replace(cfg.sampler, seed=cfg.sampler.seed + 1000 * cfg.run.seed, metrics_port=-1,
                    max_pending_groups=max(cfg.sampler.max_pending_groups, G + cfg.sampler.groups_per_round))
@@ -330,12 +327,7 @@ def run_sync_loop(cfg: TrainConfig, reward_latency_ms: float = 0.0) -> dict:
         redis_url = stack.enter_context(EmbeddedRedis(data_dir=run_dir / "redis", port=0)).tcp_url
         rewards = _start_rewards(cfg, run_dir, stack)
 
-        device = resolve_device(lcfg.device)
-        if device.type == "cpu":
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        dtype = lcfg.dtype if lcfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-        model = FlowModel.from_pretrained(cfg.model.path, device=str(device), dtype=dtype,
-                                          max_sequence_length=cfg.model.max_sequence_length)
+        model = load_learner_model(lcfg, cfg.model)
         channel = LocalWeightChannel()
         learner = Learner(lcfg, model, publisher=channel, run_dir=run_dir)
         stack.callback(learner.close)
@@ -496,10 +488,10 @@ def _add_loop_args(p: argparse.ArgumentParser, latency_default: float) -> None:
 
 
 def _recipe(args: argparse.Namespace) -> tuple[str, list[str]]:
-    items = list(args.config)
-    if items and "=" not in items[0]:
-        return items[0], items[1:]
-    return DEFAULT_LOOP_RECIPE, items
+    from diffrl.cli import split_recipe
+
+    recipe, overrides = split_recipe(list(args.config))
+    return recipe or DEFAULT_LOOP_RECIPE, overrides
 
 
 def cmd_bench_sync(args: argparse.Namespace) -> int:

@@ -143,10 +143,10 @@ def cmd_bench_sampler(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_loop(args: argparse.Namespace) -> int:
-    from diffrl.bench import bench_loop
+    from diffrl.bench import DEFAULT_LOOP_RECIPE, bench_loop
 
     recipe, overrides = split_recipe(list(args.config))
-    print(json.dumps(bench_loop(recipe or "deploy/configs/shapes-cpu.yaml", overrides), indent=2))
+    print(json.dumps(bench_loop(recipe or DEFAULT_LOOP_RECIPE, overrides), indent=2))
     return 0
 
 

@@ -40,6 +40,7 @@ from diffrl.learner_actor import LearnerActor, LearnerSpec
 from diffrl.local_stack import LocalRewardServer, free_port
 from diffrl.monitoring import METRICS_HOST_ENV, remove_prometheus_sd, write_prometheus_targets
 from diffrl.schema import TrainConfig
+from learner.config import LearnerConfig
 from reward_servers.client import RewardClientConfig, RewardEndpointConfig
 
 log = logging.getLogger(__name__)
@@ -116,15 +117,20 @@ def _init_ray(cfg: TrainConfig, stack: contextlib.ExitStack) -> None:
     stack.callback(ray.shutdown)
 
 
+def trained_learner_config(cfg: TrainConfig) -> LearnerConfig:
+    """The learner section as the job trains it: reward weights default to every reward's ``weight``,
+    ``max_steps`` to ``run.max_steps``."""
+    reward_weights = cfg.learner.reward_weights or {r.name: r.weight for r in cfg.rewards}
+    return replace(cfg.learner, reward_weights=reward_weights, max_steps=cfg.learner.max_steps or cfg.run.max_steps)
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) one training job; returns its run folder."""
     import ray
 
     run_dir = prepare_run_dir(cfg)
     resuming = bool(cfg.run.resume)
-    reward_weights = cfg.learner.reward_weights or {r.name: r.weight for r in cfg.rewards}
-    cfg = replace(cfg, learner=replace(cfg.learner, reward_weights=reward_weights,
-                                       max_steps=cfg.learner.max_steps or cfg.run.max_steps))
+    cfg = replace(cfg, learner=trained_learner_config(cfg))
     shown = replace(cfg, redis=replace(cfg.redis, url=redact_url(cfg.redis.url)))  # no password in the run folder
     (run_dir / "config.yaml" if not resuming else run_dir / "config.resumed.yaml").write_text(to_yaml(shown))
     (run_dir / "grids").mkdir(exist_ok=True)

@@ -53,6 +53,20 @@ class LearnerSpec:
     """Held-out evaluation settings."""
 
 
+def load_learner_model(learner: LearnerConfig, model: ModelConfig):
+    """The model a learner trains, on ``learner.device`` in ``learner.dtype`` (auto: bfloat16 on CUDA,
+    float32 on CPU); DeepSpeed's CPU accelerator is selected on CPU."""
+    from learner.learner import resolve_device
+    from models.adapter import FlowModel
+
+    device = resolve_device(learner.device)
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    dtype = learner.dtype if learner.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    return FlowModel.from_pretrained(model.path, device=str(device), dtype=dtype,
+                                     max_sequence_length=model.max_sequence_length)
+
+
 class LearnerActor:
     def __init__(self, spec_yaml: str):
         self.spec = spec = load_config_text(LearnerSpec, spec_yaml)
@@ -62,18 +76,11 @@ class LearnerActor:
         import torch
 
         from diffrl.embedded_redis import connect
-        from learner.learner import Learner, resolve_device
-        from models.adapter import FlowModel
+        from learner.learner import Learner
 
         if spec.learner.torch_threads:
             torch.set_num_threads(spec.learner.torch_threads)
-        device = resolve_device(spec.learner.device)
-        if device.type == "cpu":
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        dtype = spec.learner.dtype if spec.learner.dtype != "auto" else (
-            "bfloat16" if device.type == "cuda" else "float32")
-        self.model = FlowModel.from_pretrained(spec.model.path, device=str(device), dtype=dtype,
-                                               max_sequence_length=spec.model.max_sequence_length)
+        self.model = load_learner_model(spec.learner, spec.model)
         publisher = None
         if spec.rank == 0 and spec.weights_channel:
             from proto.weight_sync import RayWeightChannel
