@@ -553,7 +553,10 @@ class Learner:
         for t in range(self.T):
             if records is None:
                 sigma = float(sigmas[t])
-                eps_all = torch.randn(G, K, *x0.shape[2:], generator=gen)  # [G, K, C, H, W] fresh per (sample, t)
+                if self.alg == "crd" and ac.group_shared_noise:  # one ε per (group, t): common to the contrast
+                    eps_all = torch.randn(G, 1, *x0.shape[2:], generator=gen).expand(G, K, *x0.shape[2:])
+                else:
+                    eps_all = torch.randn(G, K, *x0.shape[2:], generator=gen)  # [G, K, C, H, W] fresh per (sample, t)
             for idx in chunks:
                 micro += 1
                 m_c = mask[idx]  # [g, K]

@@ -228,6 +228,27 @@ def test_micro_chunks_do_not_change_the_gradient(model_dir):
     assert all(torch.allclose(th1[k], th2[k], atol=1e-6) for k in th1)
 
 
+def test_group_shared_noise_cancels_what_the_group_has_in_common(model_dir):
+    """crd.group_shared_noise draws one ε per (group, t): for a group whose K samples are the same
+    image (with different rewards) the implicit rewards are then equal, the centered contrast has
+    nothing to act on and the gradient is exactly 0 at θ = p_old; with one ε per sample it is not."""
+    def same_image_group(seed: int) -> experience_pb2.Group:
+        x = torch.rand(SHAPE, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+        g = experience_pb2.Group(group_id=f"same-{seed}", prompt=PROMPTS[seed % 4], policy_version=0,
+                                 sampler_id="test", created_at=time.time())
+        for j in range(4):
+            g.samples.add(seed=j, latent=tensor_to_proto(x)).rewards["bright"] = float(j)
+        return g
+
+    norms = {}
+    for shared in (True, False):
+        learner = make_learner(model_dir, small_config(grad_clip=0.0, crd__use_kl_anchor=False,
+                                                       crd__group_shared_noise=shared))
+        stats = learner.train_on_groups([same_image_group(1), same_image_group(2)])
+        norms[shared] = stats["grad_norm"]
+    assert norms[True] < 1e-6 * norms[False] and norms[False] > 1e-6, norms
+
+
 def test_nft_baseline_steps(model_dir):
     learner = make_learner(model_dir, small_config(algorithm="nft", nft__num_noise_levels=2,
                                                    gradient_checkpointing=True))

@@ -444,6 +444,9 @@ class CRDConfig:
     """SD3 shift of the sampler's schedule, σ' = shift·σ/(1 + (shift − 1)·σ); 1 = no shift."""
     top_fraction: float = 0.99
     """Noise levels are restricted to σ ∈ [1 − top_fraction, 1] (skips the near-clean tail)."""
+    group_shared_noise: bool = False
+    """Draw one ε per (prompt group, t), shared by the group's K samples, instead of one per (sample, t).
+    The matching loss is a within-group contrast, so noise common to the group cancels in it."""
     use_kl_anchor: bool = True
     """Add the KL anchor to the CFG-guided frozen model (off: ablation without L_KL)."""
     beta_kl: float = 0.1
