@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 RECIPE = REPO / "deploy" / "configs" / "shapes-cpu.yaml"
-MAX_OBJECTS_SEED = 900_000  # base of the fixed seeds of the --prompts evaluation
+TRAINED_PROMPTS_EVAL_SEED = 900_000  # base of the fixed seeds of the --prompts evaluation
 
 
 class Log:
@@ -97,7 +97,7 @@ def lockstep(args: argparse.Namespace) -> None:
     def evaluation(step: int) -> None:
         if args.prompts:
             flat = [p for p in prompts for _ in range(16)]
-            x0 = model.sample(flat, [MAX_OBJECTS_SEED + i for i in range(len(flat))], num_steps=eval_cfg.num_steps,
+            x0 = model.sample(flat, [TRAINED_PROMPTS_EVAL_SEED + i for i in range(len(flat))], num_steps=eval_cfg.num_steps,
                               guidance_scale=eval_cfg.guidance_scale, transformer=learner.p_samp)
             sc = score(model, x0, flat)
             log(step=step, kind="eval_trained_prompts", strict=float(np.mean([x.strict for x in sc])),
@@ -118,9 +118,8 @@ def lockstep(args: argparse.Namespace) -> None:
                               transformer=learner.p_samp)  # [G*K, C, H, W]
         sc = score(model, x0, flat)
         r = np.array([x.strict if args.reward == "strict" else x.partial for x in sc]).reshape(G, K)
-        if args.shuffle_rewards:
-            for row in r:
-                np.random.default_rng(step).shuffle(row)
+        if args.shuffle_rewards:  # an independent permutation within each group
+            r = np.random.default_rng(step).permuted(r, axis=1)
         groups = []
         for g, prompt in enumerate(chosen):
             group = experience_pb2.Group(group_id=f"probe:{step}:{g}", prompt=prompt, policy_version=learner.step,
@@ -232,14 +231,15 @@ def grad_agreement(args: argparse.Namespace) -> None:
 def pass_at_k(args: argparse.Namespace) -> None:
     from diffrl.evaluation import split_prompts
     from models.pretrain import load_base
+    from reward_servers.scorers import shapes as shapes_scorer
 
     torch.set_num_threads(args.threads)
     model = load_base(device="cpu")
     prompts, k = split_prompts("eval"), args.k
     flat = [p for p in prompts for _ in range(k)]
-    x0 = model.sample(flat, list(range(777_000, 777_000 + len(flat))), num_steps=args.sample_steps,
-                      guidance_scale=args.guidance_scale)
-    strict = np.array([x.strict for x in score(model, x0, flat)]).reshape(len(prompts), k)  # [P, k]
+    images = model.generate(flat, list(range(777_000, 777_000 + len(flat))), num_steps=args.sample_steps,
+                            guidance_scale=args.guidance_scale)  # [P*k, H, W, 3] uint8
+    strict = np.array([x.strict for x in shapes_scorer.score_batch(images, flat)]).reshape(len(prompts), k)  # [P, k]
     Log(args.out)(kind="pass_at_k", k=k, sample_steps=args.sample_steps, guidance_scale=args.guidance_scale,
                   pass_at_1=float(strict.mean()), pass_at_half_k=float((strict[:, : k // 2].max(1) > 0).mean()),
                   pass_at_k=float((strict.max(1) > 0).mean()), prompts_never_right=int((strict.max(1) == 0).sum()))
