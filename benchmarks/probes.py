@@ -6,7 +6,8 @@ writes them to OUT/probe.jsonl.
         (key=value: dotted overrides of deploy/configs/shapes-cpu.yaml, as for ``diffrl train``)
     .venv/bin/python benchmarks/probes.py self-sft OUT --data own|renders --lr 1e-4 --steps 50
     .venv/bin/python benchmarks/probes.py grad-agreement OUT [--draws 6]
-    .venv/bin/python benchmarks/probes.py pass-at-k OUT [--k 8]
+    .venv/bin/python benchmarks/probes.py pass-at-k OUT [--k 8] [--noise-scale 1.0]
+    .venv/bin/python benchmarks/probes.py snapshot-eval OUT [--checkpoint RUN/checkpoints/step_N] [--seeds 8]
 
 lockstep    The real ``Learner`` (DeepSpeed, the recipe's algorithm and LoRA settings) trained in
             lockstep on samples of its own p_samp (the recipe's sampling settings), scored in-process by
@@ -25,6 +26,12 @@ lockstep    The real ``Learner`` (DeepSpeed, the recipe's algorithm and LoRA set
             (``crd.group_shared_noise``): mean pairwise cosine between draws, at σ = 0.9, 0.5, 0.2.
 ``pass-at-k`` The base model's k samples per eval prompt (fixed seeds): the fraction correct (strict),
             and the fractions of prompts with a correct sample among the first k/2 and among all k.
+            ``--noise-scale`` multiplies the initial noise (a sampling temperature below 1).
+``snapshot-eval`` Held-out evaluation (eval split, ``--seeds`` fixed seeds per prompt, the recipes' 20-step
+            CFG-1 sampling) of one snapshot of a full fine-tune's learner checkpoint (``p_samp``, the model
+            the run deploys and evaluates; ``p_old``; or ``theta``, the trained weights), or of the base
+            model without ``--checkpoint``. 8 seeds (504 images) cut the standard error of strict accuracy
+            to about 0.018, half that of a run's 2-seed evaluation.
 """
 
 from __future__ import annotations
@@ -236,13 +243,46 @@ def pass_at_k(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model = load_base(device="cpu")
     prompts, k = split_prompts("eval"), args.k
+    if args.noise_scale != 1.0:  # a sampling temperature: every seed's ε scaled
+        initial_noise = model.initial_noise
+        model.initial_noise = lambda *a, **kw: initial_noise(*a, **kw) * args.noise_scale
     flat = [p for p in prompts for _ in range(k)]
     images = model.generate(flat, list(range(777_000, 777_000 + len(flat))), num_steps=args.sample_steps,
                             guidance_scale=args.guidance_scale)  # [P*k, H, W, 3] uint8
     strict = np.array([x.strict for x in shapes_scorer.score_batch(images, flat)]).reshape(len(prompts), k)  # [P, k]
     Log(args.out)(kind="pass_at_k", k=k, sample_steps=args.sample_steps, guidance_scale=args.guidance_scale,
+                  noise_scale=args.noise_scale,
                   pass_at_1=float(strict.mean()), pass_at_half_k=float((strict[:, : k // 2].max(1) > 0).mean()),
                   pass_at_k=float((strict.max(1) > 0).mean()), prompts_never_right=int((strict.max(1) == 0).sum()))
+
+
+def snapshot_eval(args: argparse.Namespace) -> None:
+    from safetensors.torch import load_file
+
+    from diffrl.evaluation import EvalConfig, evaluate
+    from learner.checkpoint import P_OLD_FILE, P_SAMP_FILE
+    from models.pretrain import load_base
+
+    torch.set_num_threads(args.threads)
+    model = load_base(device="cpu")
+    if args.checkpoint:
+        folder = Path(args.checkpoint)
+        if folder.is_file():  # checkpoints/latest names the newest step folder
+            folder = folder.parent / folder.read_text().strip()
+        if args.snapshot == "theta":  # the DeepSpeed engine's module state: the UNet's own names
+            state = torch.load(folder / "engine" / "mp_rank_00_model_states.pt", map_location="cpu",
+                               weights_only=False)["module"]
+        else:
+            state = load_file(folder / (P_SAMP_FILE if args.snapshot == "p_samp" else P_OLD_FILE))
+        expected = model.transformer.state_dict().keys()
+        if set(state) != set(expected):
+            sys.exit(f"{folder}: {args.snapshot} does not hold the whole UNet (a LoRA run?); snapshot-eval reads "
+                     f"full fine-tunes ({len(set(state) & set(expected))} of {len(expected)} tensors match)")
+        model.transformer.load_state_dict(state)
+    m = evaluate(model, EvalConfig(seeds_per_prompt=args.seeds, grid_prompts=0, guidance_scale=1.0))
+    Log(args.out)(kind="snapshot_eval", checkpoint=args.checkpoint or "base", snapshot=args.snapshot if args.checkpoint
+                  else "base", seeds=args.seeds, **{k: m[k] for k in ("strict", "count", "color", "shape",
+                                                                       "fid_shapes", "off_palette", "images")})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,7 +317,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample-steps", type=int, default=10, help="Euler steps (10: the recipes' training samples)")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--noise-scale", type=float, default=1.0, help="multiply the initial noise (temperature)")
     p.set_defaults(run=pass_at_k)
+    p = sub.add_parser("snapshot-eval", help="held-out evaluation of a checkpoint's snapshot with more seeds")
+    p.add_argument("out", help="output folder (probe.jsonl)")
+    p.add_argument("--checkpoint", default="", help="a learner checkpoint folder (RUN/checkpoints/step_N); "
+                   "none: the base model")
+    p.add_argument("--snapshot", choices=("p_samp", "p_old", "theta"), default="p_samp", help="which weights")
+    p.add_argument("--seeds", type=int, default=8, help="fixed seeds per eval prompt")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.set_defaults(run=snapshot_eval)
     args, overrides = parser.parse_known_args(argv)  # key=value overrides may follow the options
     if overrides and (args.probe != "lockstep" or any(o.startswith("-") or "=" not in o for o in overrides)):
         parser.error(f"unrecognized arguments: {' '.join(overrides)} (key=value overrides are for lockstep)")
