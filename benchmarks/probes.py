@@ -271,7 +271,7 @@ def snapshot_eval(args: argparse.Namespace) -> None:
             folder = folder.parent / folder.read_text().strip()
         if args.snapshot == "theta":  # the DeepSpeed engine's module state: the UNet's own names
             state = torch.load(folder / "engine" / "mp_rank_00_model_states.pt", map_location="cpu",
-                               weights_only=False)["module"]
+                               weights_only=True)["module"]
         else:
             state = load_file(folder / (P_SAMP_FILE if args.snapshot == "p_samp" else P_OLD_FILE))
         expected = model.transformer.state_dict().keys()
