@@ -29,7 +29,7 @@ lockstep    The real ``Learner`` (DeepSpeed, the recipe's algorithm and LoRA set
             ``--noise-scale`` multiplies the initial noise (a sampling temperature below 1).
 ``snapshot-eval`` Held-out evaluation (eval split, ``--seeds`` fixed seeds per prompt, the recipes' 20-step
             CFG-1 sampling) of one snapshot of a full fine-tune's learner checkpoint (``p_samp``, the model
-            the run deploys and evaluates; ``p_old``; or ``theta``, the trained weights), or of the base
+            the run samples with and evaluates; ``p_old``; or ``theta``, the trained weights), or of the base
             model without ``--checkpoint``. 8 seeds (504 images) cut the standard error of strict accuracy
             to about 0.018, half that of a run's 2-seed evaluation.
 """
@@ -257,23 +257,21 @@ def pass_at_k(args: argparse.Namespace) -> None:
 
 
 def snapshot_eval(args: argparse.Namespace) -> None:
-    from safetensors.torch import load_file
-
     from diffrl.evaluation import EvalConfig, evaluate
-    from learner.checkpoint import P_OLD_FILE, P_SAMP_FILE
+    from learner import checkpoint as ckpt
     from models.pretrain import load_base
 
     torch.set_num_threads(args.threads)
     model = load_base(device="cpu")
     if args.checkpoint:
         folder = Path(args.checkpoint)
-        if folder.is_file():  # checkpoints/latest names the newest step folder
-            folder = folder.parent / folder.read_text().strip()
+        if folder.is_file():  # RUN/checkpoints/latest: the folder it names, as a resume finds it
+            folder = ckpt.latest_checkpoint(folder.parent.parent)
         if args.snapshot == "theta":  # the DeepSpeed engine's module state: the UNet's own names
             state = torch.load(folder / "engine" / "mp_rank_00_model_states.pt", map_location="cpu",
                                weights_only=True)["module"]
         else:
-            state = load_file(folder / (P_SAMP_FILE if args.snapshot == "p_samp" else P_OLD_FILE))
+            state = ckpt.load_tensors(folder / (ckpt.P_SAMP_FILE if args.snapshot == "p_samp" else ckpt.P_OLD_FILE))
         expected = model.transformer.state_dict().keys()
         if set(state) != set(expected):
             sys.exit(f"{folder}: {args.snapshot} does not hold the whole UNet (a LoRA run?); snapshot-eval reads "
