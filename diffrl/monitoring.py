@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import weakref
 from pathlib import Path
-from typing import ClassVar
 from urllib.parse import urlsplit
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from learner.metrics import PerRegistry
 
 METRICS_HOST_ENV = "DIFFRL_METRICS_HOST"
 """Environment variable: bind address of the learner's and samplers' /metrics (default 127.0.0.1)."""
@@ -70,18 +70,8 @@ def advertised_host() -> str:
     return host
 
 
-class EvalMetrics:
+class EvalMetrics(PerRegistry):
     """The ``diffrl_learner_eval_*`` metrics, one set per registry."""
-
-    _by_registry: ClassVar[weakref.WeakKeyDictionary] = weakref.WeakKeyDictionary()
-
-    @classmethod
-    def for_registry(cls, registry: CollectorRegistry | None = None) -> EvalMetrics:
-        registry = REGISTRY if registry is None else registry
-        found = cls._by_registry.get(registry)
-        if found is None:
-            found = cls._by_registry[registry] = cls(registry)
-        return found
 
     def __init__(self, registry: CollectorRegistry):
         r = registry

@@ -10,7 +10,7 @@ failing on duplicate registration.
 from __future__ import annotations
 
 import weakref
-from typing import ClassVar
+from typing import ClassVar, Self
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
@@ -86,18 +86,30 @@ STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
 
 
-class LearnerMetrics:
-    """The learner's metric objects, registered in ``registry``."""
+class PerRegistry:
+    """Base of a set of metric objects made once per registry: ``for_registry`` returns the set
+    already registered there, since registering the same names twice fails."""
 
-    _by_registry: ClassVar[weakref.WeakKeyDictionary] = weakref.WeakKeyDictionary()
+    _by_registry: ClassVar[weakref.WeakKeyDictionary]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._by_registry = weakref.WeakKeyDictionary()  # one table per subclass
 
     @classmethod
-    def for_registry(cls, registry: CollectorRegistry | None = None) -> LearnerMetrics:
+    def for_registry(cls, registry: CollectorRegistry | None = None) -> Self:
         registry = REGISTRY if registry is None else registry
         found = cls._by_registry.get(registry)
         if found is None:
             found = cls._by_registry[registry] = cls(registry)
         return found
+
+    def __init__(self, registry: CollectorRegistry):
+        raise NotImplementedError
+
+
+class LearnerMetrics(PerRegistry):
+    """The learner's metric objects, registered in ``registry``."""
 
     def __init__(self, registry: CollectorRegistry):
         r = registry

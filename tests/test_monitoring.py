@@ -23,6 +23,7 @@ from diffrl.status import (
     collect_status,
     format_status,
 )
+from learner.metrics import LearnerMetrics
 
 ENDPOINTS = {
     "learner_metrics": "http://10.0.0.1:9101/metrics",
@@ -63,6 +64,10 @@ def test_eval_gauges_follow_the_last_evaluation():
     registry = CollectorRegistry()
     m = EvalMetrics.for_registry(registry)
     assert EvalMetrics.for_registry(registry) is m
+    # each metric set keeps its own table: the learner's set on the same registry is another object
+    learner_set = LearnerMetrics.for_registry(registry)
+    assert isinstance(learner_set, LearnerMetrics) and LearnerMetrics.for_registry(registry) is learner_set
+    assert EvalMetrics.for_registry(CollectorRegistry()) is not m
     m.observe({"strict": 0.25, "count": 0.5, "color": 1.0, "shape": 0.75, "partial": 0.6, "images": 8.0,
                "strict_objects_3": 0.5, "strict_two_kind": 0.0, "fidelity": 0.97, "seconds": 1.5}, step=10)
     m.observe({"strict": 0.5, "count": 0.75, "color": 1.0, "shape": 0.75, "partial": 0.7, "images": 8.0,
