@@ -113,7 +113,8 @@ def _init_ray(cfg: TrainConfig, stack: contextlib.ExitStack) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         Path(cfg.ray.temp_dir).mkdir(parents=True, exist_ok=True)
         ray.init(num_cpus=num_cpus, namespace=cfg.ray.namespace, include_dashboard=False,
-                 _temp_dir=cfg.ray.temp_dir, runtime_env=runtime_env, log_to_driver=False)
+                 _temp_dir=cfg.ray.temp_dir, runtime_env=runtime_env, log_to_driver=False,
+                 _system_config={"task_events_max_num_task_in_gcs": cfg.ray.max_task_events})
     stack.callback(ray.shutdown)
 
 

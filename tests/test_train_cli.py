@@ -36,6 +36,7 @@ def run_train(capsys, tmp_path, *args: str) -> tuple[int, str]:
     (["learner.groups_per_step=3", "learner.world_size=2"], "learner.groups_per_step", "multiple"),
     (["learner.reward_weights.nope=1.0"], "learner.reward_weights", "names among the rewards"),
     (["run.resume=/nonexistent/run"], "run.resume", "checkpoints"),
+    (["ray.max_task_events=0"], "ray.max_task_events", ">= 1"),
 ])
 def test_bad_overrides_fail_with_the_field_name(capsys, tmp_path, args, field, hint):
     code, err = run_train(capsys, tmp_path, RECIPE, *args)
