@@ -101,8 +101,8 @@ class RayConfig:
     """Ray namespace of the job's named actors."""
     max_task_events: int = 10_000
     """Task events (what `ray list tasks` shows) the GCS of a local Ray keeps; older ones are dropped.
-    Ray's own default, 100,000, lets gcs_server grow by ~2-3 KB per actor call, to ~370 MiB after
-    150,000 calls (docs/benchmarks.md, "Soak"). A cluster started with `ray start` takes it from
+    Ray's own default, 100,000, lets gcs_server grow by ~3.7 KiB per actor call for hours
+    (docs/benchmarks.md, "Soak"). A cluster started with `ray start` takes it from
     RAY_task_events_max_num_task_in_gcs instead."""
 
     def validate(self) -> None:
