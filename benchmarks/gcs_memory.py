@@ -1,8 +1,8 @@
 """GCS memory per actor call: start a local Ray, make N calls to one actor, and report how much the
 gcs_server process grew, with Ray's default task-event limit or with a given one.
 
-    .venv/bin/python benchmarks/gcs_memory.py --calls 150000                       # Ray's default (100,000 events)
-    .venv/bin/python benchmarks/gcs_memory.py --calls 150000 --max-task-events 1000
+    .venv/bin/python benchmarks/gcs_memory.py --calls 20000                        # Ray's default (100,000 events)
+    .venv/bin/python benchmarks/gcs_memory.py --calls 20000 --max-task-events 1000
 
 Why: a diffrl run makes ~20,000 actor calls an hour, and the GCS keeps an event record of each task
 up to its limit (docs/benchmarks.md, "Soak"; `ray.max_task_events`).
@@ -18,13 +18,16 @@ import time
 
 import psutil
 import ray
+from soak import label  # the soak's process names: benchmarks/ is on sys.path when run as a script
 
 
 def gcs_rss_mib() -> float:
-    for proc in psutil.process_iter(["cmdline"]):
-        if "gcs_server" in " ".join(proc.info["cmdline"] or []):
+    """RSS of the gcs_server this script's Ray started (another Ray on the machine is not ours)."""
+    me = psutil.Process()
+    for proc in me.children(recursive=True):
+        if label(proc, me.pid) == "ray gcs_server":
             return proc.memory_info().rss / 2**20
-    raise RuntimeError("no gcs_server process")
+    raise RuntimeError("no gcs_server process under this script")
 
 
 @ray.remote

@@ -104,9 +104,6 @@ class PerRegistry:
             found = cls._by_registry[registry] = cls(registry)
         return found
 
-    def __init__(self, registry: CollectorRegistry):
-        raise NotImplementedError
-
 
 class LearnerMetrics(PerRegistry):
     """The learner's metric objects, registered in ``registry``."""
