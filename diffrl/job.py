@@ -26,7 +26,6 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -37,8 +36,9 @@ from actors.ray_sampler import SamplerSpec, spawn_samplers
 from diffrl.config import ConfigError, to_yaml
 from diffrl.embedded_redis import EmbeddedRedis, redact_url
 from diffrl.learner_actor import LearnerActor, LearnerSpec
-from diffrl.local_stack import LocalRewardServer, free_port
+from diffrl.local_stack import LocalRewardServer
 from diffrl.monitoring import METRICS_HOST_ENV, remove_prometheus_sd, write_prometheus_targets
+from diffrl.placement import in_bundle, learner_rendezvous, place_learners
 from diffrl.schema import TrainConfig
 from learner.config import LearnerConfig
 from reward_servers.client import RewardClientConfig, RewardEndpointConfig
@@ -157,19 +157,23 @@ def train(cfg: TrainConfig) -> Path:
 
         channel = f"diffrl-weights-{run_dir.name}"
         world = cfg.learner.world_size
-        master_port = free_port()
+        placement = place_learners(cfg)
+        stack.callback(ray.util.remove_placement_group, placement)
+        master_addr, master_port, _ = learner_rendezvous(placement)
+        if not cfg.ray.address:
+            master_addr = "127.0.0.1"  # a local Ray is one node: stay on the loopback
         learner_cls = ray.remote(LearnerActor)
         learners = []
         for rank in range(world):
-            spec = LearnerSpec(rank=rank, world_size=world, master_addr=_host_ip(cfg), master_port=master_port,
+            spec = LearnerSpec(rank=rank, world_size=world, master_addr=master_addr, master_port=master_port,
                                run_dir=str(run_dir), resume=resuming, redis_url=redis_url,
                                stream=cfg.redis.stream, consumer_group=cfg.redis.consumer_group,
                                bus_retry=cfg.redis.retry,
                                weights_channel=channel, metrics_port=cfg.placement.metrics_port if rank == 0 else -1,
                                model=cfg.model, learner=cfg.learner, eval=cfg.eval)
             learners.append(learner_cls.options(name=f"learner-{rank}", num_cpus=cfg.placement.num_cpus,
-                                                num_gpus=cfg.placement.num_gpus,
-                                                max_concurrency=1).remote(to_yaml(spec)))
+                                                num_gpus=cfg.placement.num_gpus, max_concurrency=1,
+                                                scheduling_strategy=in_bundle(placement, rank)).remote(to_yaml(spec)))
         statuses = ray.get([lr.status.remote() for lr in learners])
         step = int(statuses[0]["step"])
         specs = [SamplerSpec(sampler_id=f"sampler-{i}", shard_index=i, num_shards=cfg.sampler.num_samplers,
@@ -357,14 +361,6 @@ def _save_scrape(url: str, path: Path) -> None:
 
     with contextlib.suppress(httpx.HTTPError):
         path.write_text(httpx.get(url, timeout=5.0).text)
-
-
-def _host_ip(cfg: TrainConfig) -> str:
-    if not cfg.ray.address:
-        return "127.0.0.1"
-    with contextlib.suppress(OSError):
-        return socket.gethostbyname(socket.gethostname())
-    return "127.0.0.1"
 
 
 def _stop_samplers(samplers, runs) -> None:

@@ -13,6 +13,8 @@ from learner.config import LearnerConfig
 from models.config import ModelConfig
 from proto.bus import RetryPolicy
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
 
 @dataclass
 class RunConfig:
@@ -117,6 +119,19 @@ class LearnerPlacement:
     """GPUs Ray reserves for each learner rank (1 per rank on GPU clusters)."""
     metrics_port: int = 0
     """Port of the learner's Prometheus /metrics (0: a free port; -1: none)."""
+    strategy: str = "PACK"
+    """Ray placement-group strategy of the ranks' bundles (PACK, SPREAD, STRICT_PACK, STRICT_SPREAD).
+    Rank r runs in bundle r; the process group meets at an address and port of rank 0's node."""
+    ready_timeout_s: float = 600.0
+    """How long to wait for the cluster to fit the ranks' bundles before the job fails."""
+
+    def validate(self) -> None:
+        require(self.num_cpus >= 0, "num_cpus", "CPUs >= 0", self.num_cpus)
+        require(self.num_gpus >= 0, "num_gpus", "GPUs >= 0", self.num_gpus)
+        require(self.num_cpus > 0 or self.num_gpus > 0, "num_cpus",
+                "> 0 when num_gpus is 0 (a Ray bundle needs a resource)", self.num_cpus)
+        require(self.strategy in PLACEMENT_STRATEGIES, "strategy", f"one of {PLACEMENT_STRATEGIES}", self.strategy)
+        require(self.ready_timeout_s > 0, "ready_timeout_s", "seconds > 0", self.ready_timeout_s)
 
 
 @dataclass

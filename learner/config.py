@@ -160,10 +160,11 @@ class LearnerConfig:
 
     @property
     def num_noise_levels(self) -> int:
-        """Backward passes per chunk in one step: CRD/NFT noise levels, GRPO's trained denoising steps."""
+        """Backward passes per chunk in one step: CRD's matching plus anchor-only levels, NFT's noise
+        levels, GRPO's trained denoising steps."""
         if self.algorithm == "grpo":
             return self.grpo.num_train_steps()
-        return self.crd.num_noise_levels if self.algorithm == "crd" else self.nft.num_noise_levels
+        return self.crd.levels_per_step if self.algorithm == "crd" else self.nft.num_noise_levels
 
     @property
     def effective_grad_clip(self) -> float:

@@ -65,7 +65,14 @@ import torch.distributed as dist
 from torch import nn
 
 from learner import checkpoint as ckpt
-from learner.algorithms.crd import advantages, crd_step_loss, ema_update_, interpolate, velocity_target
+from learner.algorithms.crd import (
+    advantages,
+    crd_anchor_loss,
+    crd_step_loss,
+    ema_update_,
+    interpolate,
+    velocity_target,
+)
 from learner.algorithms.grpo import (
     group_advantages,
     grpo_step_loss,
@@ -535,7 +542,9 @@ class Learner:
         gen = torch.Generator().manual_seed(_step_seed(cfg.seed, version_before, self.rank))
         records = None
         if self.alg == "crd":
-            sigmas = ac.noise_levels(gen)  # [T]
+            sigmas = ac.noise_levels(gen)  # [T] matching levels
+            if ac.num_anchor_levels:  # then T_a anchor-only levels below them
+                sigmas = torch.cat([sigmas, ac.anchor_noise_levels(gen)])  # [T + T_a]
         elif self.alg == "nft":
             sigmas = self._nft_noise_levels(gen)  # [T]
         else:
@@ -546,11 +555,13 @@ class Learner:
             raise RuntimeError("empty micro-chunk")
         n_valid = float(mask.sum())
         acc: dict[str, float] = {}
+        acc_levels: dict[str, float] = {}  # levels that reported each stat (anchor-only levels report fewer)
         use_kl = self.alg == "crd" and ac.use_kl_anchor and ac.beta_kl > 0
         use_ref = self.alg == "nft" and ac.beta_kl > 0
         grad_norm = None
         micro = 0
         for t in range(self.T):
+            anchor_only = self.alg == "crd" and t >= ac.num_noise_levels
             if records is None:
                 sigma = float(sigmas[t])
                 if self.alg == "crd" and ac.group_shared_noise:  # one ε per (group, t): common to the contrast
@@ -571,7 +582,8 @@ class Learner:
                     u = velocity_target(x0_c, eps_c)  # [n, C, H, W]
                     cond = cond_groups[idx.tolist()].repeat_interleave(K)
                     with torch.no_grad(), self._autocast():
-                        v_old = self.model.velocity(x_t, sig, cond, transformer=self.p_old).float()
+                        v_old = None if anchor_only else self.model.velocity(
+                            x_t, sig, cond, transformer=self.p_old).float()
                         v_anchor = None
                         if use_kl:
                             v_anchor = self.model.guided_velocity(
@@ -580,7 +592,10 @@ class Learner:
                         elif use_ref:
                             v_anchor = self.model.velocity(x_t, sig, cond, transformer=self.anchor).float()
                     v_theta = self.model.velocity(x_t, sig, cond, transformer=self.engine)  # [n, C, H, W] grad
-                    if self.alg == "crd":
+                    if anchor_only:
+                        loss, st = crd_anchor_loss(v_theta, v_anchor, a_tilde[idx].to(self.device), ac,
+                                                   m_c.to(self.device) if padded else None)
+                    elif self.alg == "crd":
                         loss, st = crd_step_loss(v_theta, v_old, u, a_tilde[idx].to(self.device), ac, v_anchor,
                                                  m_c.to(self.device) if padded else None)
                     else:
@@ -596,7 +611,9 @@ class Learner:
                     grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
                 self.engine.step()
                 for k, v in st.items():
-                    acc[k] = acc.get(k, 0.0) + float(v) * w / self.T
+                    acc[k] = acc.get(k, 0.0) + float(v) * w
+                    acc_levels[k] = acc_levels.get(k, 0.0) + w  # the chunks' w sum to 1 per level
+        acc = {k: v / acc_levels[k] for k, v in acc.items()}  # means over the levels
         if self.engine.global_steps != version_before + 1:
             raise RuntimeError(f"DeepSpeed took {self.engine.global_steps - version_before} optimizer "
                                "steps in one learner step (expected exactly 1)")

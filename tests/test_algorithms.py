@@ -22,8 +22,10 @@ from learner.algorithms.crd import (
     EMASchedule,
     adaptive_weight,
     advantages,
+    anchor_noise_levels,
     center_in_group,
     cfg,
+    crd_anchor_loss,
     crd_matching_loss,
     crd_step_loss,
     ema_decay,
@@ -316,6 +318,49 @@ def test_noise_levels_continuous_are_stratified():
     assert torch.equal(s, again)
 
 
+def test_anchor_noise_levels_lie_below_the_matching_range():
+    g = torch.Generator().manual_seed(0)
+    # top fraction 0.3, no shift: matching on 1.0 .. 0.7, anchor-only on the other six, each once for T_a = 6
+    s = anchor_noise_levels(6, 10, 1.0, 0.3, g)
+    assert torch.allclose(s, torch.tensor([0.6, 0.5, 0.4, 0.3, 0.2, 0.1]))
+    # T_a = 3 over those six: one draw in each pair (0.6, 0.5), (0.4, 0.3), (0.2, 0.1)
+    for _ in range(5):
+        s = anchor_noise_levels(3, 10, 1.0, 0.3, g)
+        for j, pair in enumerate(((0.6, 0.5), (0.4, 0.3), (0.2, 0.1))):
+            assert any(math.isclose(float(s[j]), p, abs_tol=1e-6) for p in pair), s
+    # the two ranges partition the sampler's grid
+    grid = set(crd.sampling_sigmas(10, 3.0)[:10].float().tolist())
+    top = set(noise_levels(40, 10, 3.0, 0.5, g).tolist())
+    low = set(anchor_noise_levels(40, 10, 3.0, 0.5, g).tolist())
+    assert top | low == grid and not top & low and max(low) < 0.5 <= min(top)
+    # continuous: draw j in stratum j of (0, τ_lo], τ_lo = unshift(1 − f)
+    T, shift, f = 4, 3.0, 0.6
+    s = anchor_noise_levels(T, 0, shift, f, torch.Generator().manual_seed(1))
+    tau, tau_lo = crd.unshift_sigma(s.double(), shift), float(crd.unshift_sigma(0.4, shift))
+    for j in range(T):
+        assert tau_lo * (1 - (j + 1) / T) - 1e-6 <= float(tau[j]) <= tau_lo * (1 - j / T) + 1e-6
+    # nothing below the range: a full range, or 1 − f at or under the smallest level (0.1)
+    with pytest.raises(ValueError, match=r"^top_fraction: expected in \(0, 1\)"):
+        anchor_noise_levels(2, 10, 1.0, 1.0, g)
+    with pytest.raises(ValueError, match=r"^top_fraction: expected < 0.9 "):
+        anchor_noise_levels(2, 10, 1.0, 0.95, g)
+
+
+def test_crd_anchor_loss_hand_computed():
+    # G = 1, K = 2, one element each: kl = [(1 − 0)², (3 − 1)²] = [1, 4]
+    v_theta, v_anc = t64([[1.0], [3.0]]).requires_grad_(), t64([[0.0], [1.0]])
+    at = t64([[0.0, 1.0]])  # ã: worst and best
+    conf = CRDConfig(beta_kl=2.0, beta_min=0.5)
+    loss, stats = crd_anchor_loss(v_theta, v_anc, at, conf)
+    # β_KL·mean[(c0 + ã(1 − c0))·kl], c0 = 0.25: 2·(0.25·1 + 1·4)/2 = 4.25
+    assert close(loss, 4.25) and close(stats["loss"], 4.25) and close(stats["anchor_kl_mean"], 2.5)
+    loss.backward()  # d/dv_θ: 2·coef·2(v_θ − v_anc)/2 = [0.25·2·1, 1·2·2]·(2/2)
+    assert close(v_theta.grad, [[0.5], [4.0]])
+    # masked: only the best sample counts
+    loss_m, _ = crd_anchor_loss(v_theta, v_anc, at, conf, mask=torch.tensor([[False, True]]))
+    assert close(loss_m, 8.0)
+
+
 def test_interpolate_and_target_hand_computed():
     assert close(interpolate(t64([[2.0]]), t64([[-1.0]]), 0.25), [[1.25]])  # 0.75·2 + 0.25·(−1)
     x0 = t64([[2.0, 2.0], [4.0, 4.0]])
@@ -468,12 +513,20 @@ def test_crd_config_defaults_and_validation():
         "beta_min": {"beta_min": 0.5},
         "beta_kl": {"beta_kl": -0.1},
         "num_noise_levels": {"num_noise_levels": 0},
+        "num_anchor_levels": {"num_anchor_levels": 2, "top_fraction": 0.3, "use_kl_anchor": False},
         "old_ema.max_decay": {"old_ema": EMASchedule(0, 0.25, 0.005, 1.5)},
         "sampler_ema.start_decay": {"sampler_ema": EMASchedule(75, -0.1, 0.0075, 0.999)},
     }
     for name, kwargs in bad.items():
         with pytest.raises(ValueError, match=rf"^{name}:"):
             CRDConfig(**kwargs).validate()
+    with pytest.raises(ValueError, match=r"^top_fraction: expected < 0.75 with anchor-only levels"):
+        CRDConfig(num_anchor_levels=2, top_fraction=0.8).validate()  # the smallest level is shift_3(0.1) = 0.25
+    with pytest.raises(ValueError, match=r"^num_anchor_levels:"):
+        CRDConfig(num_anchor_levels=-1).validate()
+    c = CRDConfig(num_noise_levels=4, num_anchor_levels=2, top_fraction=0.3)
+    c.validate()
+    assert c.levels_per_step == 6 and c.anchor_noise_levels(torch.Generator().manual_seed(0)).max() < 0.7
 
 
 def _undocumented_fields(cls) -> list[str]:

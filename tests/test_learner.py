@@ -249,6 +249,27 @@ def test_group_shared_noise_cancels_what_the_group_has_in_common(model_dir):
     assert norms[True] < 1e-6 * norms[False] and norms[False] > 1e-6, norms
 
 
+def test_anchor_only_levels_add_only_the_kl_anchor(model_dir):
+    """crd.num_anchor_levels: T_a extra levels with the KL anchor alone. At LoRA init θ is the frozen
+    model, so with CFG scale 1 the anchor term is 0 at every level; the step's loss is then the one
+    matching level's loss averaged over all T + T_a levels, and the matching statistics are means over
+    the matching level alone."""
+    cfg = small_config(grad_clip=0.0, crd__num_noise_levels=1, crd__num_anchor_levels=2, crd__top_fraction=0.3,
+                       crd__kl_cfg_scale=1.0)
+    learner = make_learner(model_dir, cfg)
+    assert learner.deepspeed_config()["gradient_accumulation_steps"] == 3
+    stats = learner.train_on_groups([make_group(seed=21), make_group(seed=22)])
+    assert learner.engine.global_steps == 1
+    assert stats["anchor_kl_mean"] < 1e-10 and stats["kl_loss"] < 1e-10
+    assert stats["matching_loss"] > 0.01  # R̂ = 0 at θ = p_old: (s/β)·mean ãc²
+    assert stats["loss"] == pytest.approx(stats["matching_loss"] / 3, rel=1e-6)
+    # with the anchor guided (CFG 2) the anchor-only levels pull θ: their KL is positive
+    learner = make_learner(model_dir, small_config(crd__num_noise_levels=1, crd__num_anchor_levels=2,
+                                                   crd__top_fraction=0.3))
+    stats = learner.train_on_groups([make_group(seed=21), make_group(seed=22)])
+    assert stats["anchor_kl_mean"] > 1e-6 and stats["anchor_kl_loss"] > 0
+
+
 def test_nft_baseline_steps(model_dir):
     learner = make_learner(model_dir, small_config(algorithm="nft", nft__num_noise_levels=2,
                                                    gradient_checkpointing=True))

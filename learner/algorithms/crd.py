@@ -367,6 +367,50 @@ def noise_levels(
     return sigmas.to(torch.float32)  # [T]
 
 
+def anchor_noise_levels(
+    T_anchor: int,
+    num_sampling_steps: int,
+    shift: float,
+    top_fraction: float,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """T_a anchor-only noise levels: the complement of ``noise_levels``' range, σ < 1 − f.
+
+    At these levels only the KL anchor is applied (``crd_anchor_loss``), so the reward matching can be
+    confined to the noisy end (``top_fraction`` < 1) while the near-clean levels stay held to the
+    frozen model. Drawn the same stratified way as ``noise_levels``:
+      * ``num_sampling_steps = S ≥ 1``: the sampler's levels below 1 − f (a contiguous run of M ≥ 1
+        levels ending at the smallest, 1/S shifted); draw j takes level ⌊M·(j + U_j)/T_a⌋ of the run.
+      * ``num_sampling_steps = 0``: τ_j = τ_lo·(1 − (j + U_j)/T_a) ∈ (0, τ_lo], σ_j = shift(τ_j), with
+        τ_lo = unshift(1 − f).
+    Returned noisiest first (descending).
+
+    Returns:
+        ``[T_a]`` float32 on the CPU.
+    """
+    _require(T_anchor >= 1, "T_anchor", ">= 1", T_anchor)
+    _require(num_sampling_steps >= 0, "num_sampling_steps", ">= 0", num_sampling_steps)
+    _require(shift > 0, "shift", "> 0", shift)
+    _require(0.0 < top_fraction < 1.0, "top_fraction", "in (0, 1) with anchor-only levels (they lie below 1 − f)",
+             top_fraction)
+    u = torch.rand(T_anchor, generator=generator, dtype=torch.float64)  # [T_a] U_j
+    strata = (torch.arange(T_anchor, dtype=torch.float64) + u) / T_anchor  # [T_a] in [j/T_a, (j+1)/T_a)
+    sigma_lo = 1.0 - top_fraction
+    if num_sampling_steps >= 1:
+        grid = sampling_sigmas(num_sampling_steps, shift)[:num_sampling_steps]  # [S] descending, > 0
+        below = grid[grid < sigma_lo - 1e-12]  # [M] the contiguous tail of the grid
+        _require(len(below) >= 1, "top_fraction",
+                 f"< {1.0 - float(grid[-1]):.4g} with anchor-only levels (none of the sampler's levels lies "
+                 "below 1 − top_fraction)", top_fraction)
+        idx = (strata * len(below)).floor().long().clamp(max=len(below) - 1)  # [T_a] non-decreasing
+        sigmas = below[idx]  # [T_a]
+    else:
+        tau_lo = float(unshift_sigma(sigma_lo, shift))
+        tau = tau_lo * (1.0 - strata)  # [T_a] in (0, τ_lo]
+        sigmas = shift_sigma(tau, shift)  # [T_a]
+    return sigmas.to(torch.float32)  # [T_a]
+
+
 def interpolate(x0: Tensor, eps: Tensor, sigma: Tensor | float) -> Tensor:
     """Forward process x_σ = (1 − σ)·x0 + σ·ε; ``sigma`` a scalar or per-sample ``[N]``.
     Shapes: x0, eps ``[N, ...]`` -> ``[N, ...]``."""
@@ -444,6 +488,10 @@ class CRDConfig:
     """SD3 shift of the sampler's schedule, σ' = shift·σ/(1 + (shift − 1)·σ); 1 = no shift."""
     top_fraction: float = 0.99
     """Noise levels are restricted to σ ∈ [1 − top_fraction, 1] (skips the near-clean tail)."""
+    num_anchor_levels: int = 0
+    """T_a: extra noise levels per learner step below the matching range (σ < 1 − top_fraction) where
+    only the KL anchor is applied (``anchor_noise_levels``): match where the layout is decided, keep
+    the near-clean details anchored. 0 = off (the anchor acts only at the T matching levels)."""
     group_shared_noise: bool = False
     """Draw one ε per (prompt group, t), shared by the group's K samples, instead of one per (sample, t).
     The matching loss is a within-group contrast, so noise common to the group cancels in it."""
@@ -492,6 +540,11 @@ class CRDConfig:
             self.kl_cfg_scale,
         )
         _require(self.max_grad_norm > 0, "max_grad_norm", "> 0", self.max_grad_norm)
+        _require(self.num_anchor_levels >= 0, "num_anchor_levels", ">= 0", self.num_anchor_levels)
+        if self.num_anchor_levels:
+            _require(self.use_kl_anchor and self.beta_kl > 0, "num_anchor_levels",
+                     "0 without the KL anchor (use_kl_anchor and beta_kl > 0)", self.num_anchor_levels)
+            self.anchor_noise_levels()  # raises on a top_fraction that leaves no level below it
         for name in ("old_ema", "sampler_ema"):
             try:
                 getattr(self, name).validate()
@@ -503,6 +556,18 @@ class CRDConfig:
         return noise_levels(
             self.num_noise_levels, self.num_sampling_steps, self.time_shift, self.top_fraction, generator
         )
+
+
+    def anchor_noise_levels(self, generator: torch.Generator | None = None) -> Tensor:
+        """This config's T_a anchor-only noise levels, ``[T_a]`` (see ``anchor_noise_levels``)."""
+        return anchor_noise_levels(
+            self.num_anchor_levels, self.num_sampling_steps, self.time_shift, self.top_fraction, generator
+        )
+
+    @property
+    def levels_per_step(self) -> int:
+        """Backward passes per micro-chunk in one learner step: T matching + T_a anchor-only levels."""
+        return self.num_noise_levels + self.num_anchor_levels
 
 
 def _pearson(x: Tensor, y: Tensor) -> Tensor:
@@ -578,4 +643,29 @@ def crd_step_loss(
             "w_theta_mean": w_theta.mean(),
             "w_old_mean": w_old.mean(),
         }
+    return loss, stats
+
+
+def crd_anchor_loss(
+    v_theta: Tensor,
+    v_anchor: Tensor,
+    a_tilde: Tensor,
+    config: CRDConfig,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """L_KL alone, for one anchor-only noise level (``CRDConfig.num_anchor_levels``): no matching term,
+    so p_old is not needed. Same reward-adaptive strength as in ``crd_step_loss``.
+
+    Args:
+        v_theta: ``[N, ...]`` v_θ(x_σ) (with grad).  v_anchor: ``[N, ...]`` v_φ^{w_kl}(x_σ).
+        a_tilde: ``[G, K]`` normalized advantages.  mask: optional ``[G, K]`` bool of valid samples.
+    Returns:
+        ``(loss, stats)``; stats (detached scalars): loss (so the learner's mean loss over all levels is
+        the objective it optimizes), anchor_kl_loss, anchor_kl_mean.
+    """
+    G, K = a_tilde.shape
+    _require(v_theta.shape[0] == G * K, "v_theta", f"first dim G*K={G * K}", tuple(v_theta.shape))
+    kl = kl_anchor(v_theta, v_anchor).view(G, K)  # [G, K]
+    loss = reward_adaptive_kl_loss(kl, a_tilde, config.beta_kl, config.beta_min, config.reward_adaptive_kl, mask)  # []
+    stats = {"loss": loss.detach(), "anchor_kl_loss": loss.detach(), "anchor_kl_mean": _masked_mean(kl.detach(), mask)}
     return loss, stats
