@@ -20,7 +20,7 @@ MASKED_BACKOFF_SECONDS = "diffrl_sampler_masked_backoff_seconds_total"
 
 
 def _base(name: str) -> str:
-    return name[: -len("_total")] if name.endswith("_total") else name
+    return name.removesuffix("_total")
 
 
 class _Families:

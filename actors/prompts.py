@@ -3,8 +3,8 @@ each epoch with a seed, so the prompt order is reproducible and samplers do not 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

@@ -123,9 +123,9 @@ def report(samples: list[dict], warmup_s: float, end_s: float) -> list[dict]:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    lines = [f"{meta['minutes']:.1f} min of `diffrl train` ({meta['recipe']}, {meta['model']}) on {meta['machine']}; "
+    lines = [(f"{meta['minutes']:.1f} min of `diffrl train` ({meta['recipe']}, {meta['model']}) on {meta['machine']}; "
              f"{meta['steps']} learner steps, {meta['ledger'].get('produced', '?')} groups produced; RSS sampled every "
-             f"{meta['interval']} s, growth measured after a {meta['warmup_s']:.0f} s warm-up.",
+             f"{meta['interval']} s, growth measured after a {meta['warmup_s']:.0f} s warm-up."),
              "",
              "| process | RSS after warm-up (MiB) | RSS at end (MiB) | max (MiB) | growth (MiB) | trend (MiB/h) |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -136,11 +136,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
                      f"{r['growth_mib']:+} | {r['slope_mib_per_h']:+} |")
     led = meta["ledger"]
     if led:
-        lines += ["", f"Ledger at the end: produced {led['produced']} = trained {led['trained']} + stale "
+        lines += ["", (f"Ledger at the end: produced {led['produced']} = trained {led['trained']} + stale "
                       f"{led['dropped_stale']} + masked {led['masked']} + duplicate {led['duplicate']} + invalid "
                       f"{led['invalid']} + malformed {led['malformed']} + lost {led['lost']} + pending {led['pending']} "
                       f"({'balanced' if led['balanced'] else 'NOT balanced'}); trained_groups.txt: "
-                      f"{led['trained_groups_file']['lines']} lines, {led['trained_groups_file']['unique']} unique."]
+                      f"{led['trained_groups_file']['lines']} lines, {led['trained_groups_file']['unique']} unique.")]
     return "\n".join(lines) + "\n"
 
 

@@ -16,6 +16,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import itertools
 import re
 import textwrap
 from collections.abc import Sequence
@@ -100,7 +101,7 @@ def _locate_in_lists(schema: type, loaded: Any, err: OmegaConfBaseException) -> 
         if not dataclasses.is_dataclass(cls) or not OmegaConf.is_dict(node):
             return None
         hints = _resolved_hints(cls)
-        for key in node.keys():
+        for key in node:
             ftype, child = hints.get(key), node._get_node(key)
             args = typing.get_args(ftype)
             if typing.get_origin(ftype) is list and args and dataclasses.is_dataclass(args[0]) \
@@ -210,7 +211,7 @@ def field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(source)
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}
-    for node, after in zip(body, body[1:]):
+    for node, after in itertools.pairwise(body):
         if (
             isinstance(node, ast.AnnAssign)
             and isinstance(node.target, ast.Name)

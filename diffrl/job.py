@@ -67,7 +67,7 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
 
 class JsonLines:
     def __init__(self, path: Path):
-        self.file = open(path, "a", buffering=1)
+        self.file = open(path, "a", buffering=1)  # noqa: SIM115 -- held for the run, closed by close()
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record, default=float) + "\n")

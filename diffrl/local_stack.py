@@ -11,8 +11,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Self
 
 import httpx
 
@@ -37,7 +38,7 @@ class LocalRewardServer:
         self.env = env
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "LocalRewardServer":
+    def start(self) -> LocalRewardServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, OMP_NUM_THREADS="1", **(self.env or {}))
         env = {k: v for k, v in env.items() if v is not None}
@@ -51,7 +52,7 @@ class LocalRewardServer:
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def wait_ready(self, timeout: float = 60.0) -> "LocalRewardServer":
+    def wait_ready(self, timeout: float = 60.0) -> LocalRewardServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is None or self.proc.poll() is not None:
@@ -82,7 +83,7 @@ class LocalRewardServer:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
 
-    def __enter__(self) -> "LocalRewardServer":
+    def __enter__(self) -> Self:
         return self.start().wait_ready()
 
     def __exit__(self, *exc) -> None:

@@ -8,9 +8,10 @@ scheduler. Tests build the same thing with random weights to exercise the SD3 co
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -65,7 +66,7 @@ def _bpe(word: str, ranks: dict[str, int]) -> list[str]:
     """Byte-pair encode one word with the given merge ranks (lowest rank merges first)."""
     symbols = list(word[:-1]) + [word[-1] + "</w>"]
     while len(symbols) > 1:
-        pairs = [f"{a} {b}" for a, b in zip(symbols, symbols[1:])]
+        pairs = [f"{a} {b}" for a, b in itertools.pairwise(symbols)]
         best = min(pairs, key=lambda p: ranks.get(p, len(ranks) + 1))
         if best not in ranks:
             break

@@ -54,19 +54,19 @@ from proto.codec import check_group, group_from_bytes, group_to_bytes
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "FATES",
-    "RetryPolicy",
-    "ledger_key",
-    "ledger_snapshot",
-    "stream_undelivered",
     "DEFAULT_CONSUMER_GROUP",
     "DEFAULT_STREAM",
+    "FATES",
     "FIELD_GROUP",
     "FIELD_GROUP_ID",
     "FIELD_POLICY_VERSION",
     "ExperienceConsumer",
     "ExperienceProducer",
+    "RetryPolicy",
+    "ledger_key",
+    "ledger_snapshot",
     "stream_backlog",
+    "stream_undelivered",
 ]
 
 DEFAULT_STREAM = "experience"
@@ -561,7 +561,7 @@ class ExperienceConsumer(_Retrying):
         done = 0
         for i in range(0, len(ids), _ACK_CHUNK):
             chunk = ids[i:i + _ACK_CHUNK]
-            done += int(self._call("ack", lambda: self._ack_script(
+            done += int(self._call("ack", lambda chunk=chunk: self._ack_script(
                 keys=[self.stream, ledger_key(self.stream)], args=[self.consumer_group, fate, *chunk])))
         return done
 

@@ -14,7 +14,8 @@ DIFFRL = [sys.executable, "-m", "diffrl.cli"]
 
 def run(*args, timeout=300):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.run([*DIFFRL, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run([*DIFFRL, *args], capture_output=True, text=True, timeout=timeout, env=env,
+                          check=False)
 
 
 def test_help_lists_commands_and_config_keys():

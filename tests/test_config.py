@@ -81,7 +81,6 @@ def test_shipped_recipes_load():
     from pathlib import Path
 
     from diffrl import cli
-
     from diffrl.schema import TrainConfig
 
     configs = Path(__file__).resolve().parents[1] / "deploy" / "configs"

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 
 def scrape_value(text: str, name: str) -> float:
-    match = re.search(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M)
+    match = re.search(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.MULTILINE)
     assert match, f"{name} not in the scrape"
     return float(match.group(1))
 

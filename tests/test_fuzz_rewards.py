@@ -21,11 +21,11 @@ import pytest
 from google.protobuf import json_format
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_reward_servers import ServerProc
 
 from models.shapes_world import all_prompts, render_prompt
 from proto import reward_pb2
 from reward_servers.images import encode_png
-from test_reward_servers import ServerProc
 
 pytestmark = pytest.mark.slow
 

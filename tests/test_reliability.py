@@ -81,7 +81,7 @@ def scrape_sum(urls: list[str], name: str) -> float:
             text = httpx.get(url, timeout=5).text
         except httpx.HTTPError:
             continue
-        total += sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M))
+        total += sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.MULTILINE))
     return total
 
 
