@@ -2,6 +2,7 @@
 headroom (figures in docs/shapes_world.md)."""
 
 import numpy as np
+import pytest
 
 from diffrl.evaluation import fidelity, summarize
 from models.adapter import FlowModel
@@ -9,8 +10,9 @@ from models.shapes_world import parse_prompt, train_prompts
 from reward_servers.scorers import shapes as shapes_scorer
 
 
-def test_shipped_base_model_draws_the_shapes_world():
-    model = FlowModel.from_pretrained("assets/shapes-base", device="cpu")
+@pytest.mark.parametrize("path", ["assets/shapes-base", "assets/shapes-base-3k"])
+def test_shipped_base_model_draws_the_shapes_world(path):
+    model = FlowModel.from_pretrained(path, device="cpu")
     single = [p for p in train_prompts() if len(parse_prompt(p)) == 1][:16]
     prompts = [p for p in single for _ in range(2)]
     seeds = list(range(len(prompts)))

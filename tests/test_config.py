@@ -95,6 +95,10 @@ def test_shipped_recipes_load():
         assert other.model == crd.model and other.rewards == crd.rewards and other.eval == crd.eval
         assert other.learner.lora == crd.learner.lora and other.learner.lr == crd.learner.lr
         assert other.learner.groups_per_step == crd.learner.groups_per_step and other.sampler.k == crd.sampler.k
+    # the longer-trained base's recipe: its model ships, and it samples, scores and evaluates as the others
+    crd3k = loaded["shapes-cpu-3k.yaml"]
+    assert (Path(__file__).resolve().parents[1] / crd3k.model.path / "model_index.json").is_file()
+    assert crd3k.sampler == crd.sampler and crd3k.rewards == crd.rewards and crd3k.eval == crd.eval
     importlib.import_module("diffrl.cli")
     assert cli.split_recipe(["a.yaml", "x=1"]) == ("a.yaml", ["x=1"])
     assert cli.split_recipe(["x=1"]) == (None, ["x=1"])
