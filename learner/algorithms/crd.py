@@ -322,6 +322,18 @@ def unshift_sigma(sigma: Tensor | float, shift: float) -> Tensor:
     return sigma / (shift - (shift - 1.0) * sigma)
 
 
+def _strata(T: int, generator: torch.Generator | None) -> Tensor:
+    """(j + U_j)/T for j = 0..T−1, U_j ~ U[0, 1): one draw in each of T equal strata of [0, 1). ``[T]`` float64."""
+    u = torch.rand(T, generator=generator, dtype=torch.float64)  # [T] U_j
+    return (torch.arange(T, dtype=torch.float64) + u) / T  # [T] in [j/T, (j+1)/T)
+
+
+def _pick_stratified(run: Tensor, strata: Tensor) -> Tensor:
+    """Level ⌊M·s_j⌋ of a run of M levels for each stratum draw s_j (non-decreasing index). ``[T]``."""
+    idx = (strata * len(run)).floor().long().clamp(max=len(run) - 1)  # [T]
+    return run[idx]  # [T]
+
+
 def noise_levels(
     T: int,
     num_sampling_steps: int,
@@ -352,14 +364,11 @@ def noise_levels(
     _require(num_sampling_steps >= 0, "num_sampling_steps", ">= 0", num_sampling_steps)
     _require(shift > 0, "shift", "> 0", shift)
     _require(0.0 < top_fraction <= 1.0, "top_fraction", "in (0, 1]", top_fraction)
-    u = torch.rand(T, generator=generator, dtype=torch.float64)  # [T] U_j
-    strata = (torch.arange(T, dtype=torch.float64) + u) / T  # [T] in [j/T, (j+1)/T)
+    strata = _strata(T, generator)  # [T]
     sigma_lo = 1.0 - top_fraction
     if num_sampling_steps >= 1:
         grid = sampling_sigmas(num_sampling_steps, shift)[:num_sampling_steps]  # [S] descending, > 0
-        m = int((grid >= sigma_lo - 1e-12).sum().item())  # contiguous prefix; grid[0] = 1 always kept
-        idx = (strata * m).floor().long().clamp(max=m - 1)  # [T] non-decreasing
-        sigmas = grid[idx]  # [T]
+        sigmas = _pick_stratified(grid[grid >= sigma_lo - 1e-12], strata)  # [T] from the prefix; grid[0] = 1 kept
     else:
         tau_lo = float(unshift_sigma(sigma_lo, shift))
         tau = 1.0 - (1.0 - tau_lo) * strata  # [T] in (τ_lo, 1]
@@ -393,8 +402,7 @@ def anchor_noise_levels(
     _require(shift > 0, "shift", "> 0", shift)
     _require(0.0 < top_fraction < 1.0, "top_fraction", "in (0, 1) with anchor-only levels (they lie below 1 − f)",
              top_fraction)
-    u = torch.rand(T_anchor, generator=generator, dtype=torch.float64)  # [T_a] U_j
-    strata = (torch.arange(T_anchor, dtype=torch.float64) + u) / T_anchor  # [T_a] in [j/T_a, (j+1)/T_a)
+    strata = _strata(T_anchor, generator)  # [T_a]
     sigma_lo = 1.0 - top_fraction
     if num_sampling_steps >= 1:
         grid = sampling_sigmas(num_sampling_steps, shift)[:num_sampling_steps]  # [S] descending, > 0
@@ -402,8 +410,7 @@ def anchor_noise_levels(
         _require(len(below) >= 1, "top_fraction",
                  f"< {1.0 - float(grid[-1]):.4g} with anchor-only levels (none of the sampler's levels lies "
                  "below 1 − top_fraction)", top_fraction)
-        idx = (strata * len(below)).floor().long().clamp(max=len(below) - 1)  # [T_a] non-decreasing
-        sigmas = below[idx]  # [T_a]
+        sigmas = _pick_stratified(below, strata)  # [T_a]
     else:
         tau_lo = float(unshift_sigma(sigma_lo, shift))
         tau = tau_lo * (1.0 - strata)  # [T_a] in (0, τ_lo]
@@ -544,7 +551,8 @@ class CRDConfig:
         if self.num_anchor_levels:
             _require(self.use_kl_anchor and self.beta_kl > 0, "num_anchor_levels",
                      "0 without the KL anchor (use_kl_anchor and beta_kl > 0)", self.num_anchor_levels)
-            self.anchor_noise_levels()  # raises on a top_fraction that leaves no level below it
+            # raises on a top_fraction that leaves no level below it (own generator: the global RNG is untouched)
+            self.anchor_noise_levels(torch.Generator())
         for name in ("old_ema", "sampler_ema"):
             try:
                 getattr(self, name).validate()
