@@ -17,7 +17,7 @@ export HF_HUB_OFFLINE ?= 1
 help:
 	@echo "make demo   - set up .venv and run the shapes-world demo on the embedded default"
 	@echo "make test   - set up .venv and system packages, run the whole test suite"
-	@echo "make results - the CRD / ablation / NFT / GRPO runs and report of docs/results.md (~75 min on 2 cores)"
+	@echo "make results - the CRD / ablation / NFT / GRPO runs and report of docs/results.md (~100 min on 2 cores)"
 	@echo "make proto  - regenerate proto/*_pb2.py from proto/*.proto"
 	@echo "make lint   - ruff"
 

@@ -34,6 +34,8 @@ def test_help_lists_commands_and_config_keys():
         (["eval", "eval.splitt=eval"], "eval.splitt"),
         (["eval", "eval.seeds_per_prompt=0"], "eval.seeds_per_prompt"),
         (["pretrain", "sd3.num_heads=two"], "sd3.num_heads"),
+        # the user's overrides come after the demo's own run.max_steps=30, so they win
+        (["demo", "run.max_steps=0"], "run.max_steps"),
     ],
 )
 def test_bad_config_fails_fast_with_the_field_name(args, field):
