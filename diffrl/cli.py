@@ -220,10 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     register_bench(bench)  # bench sync, bench sync-vs-async
 
     p = sub.add_parser("demo", help="a short CRD training on the embedded default (what `make demo` runs)",
-                       description="Same as `diffrl train deploy/configs/shapes-cpu.yaml run.max_steps=30 "
-                                   "run.max_seconds=0 run.eval_every=10 [overrides]`: the default recipe's first "
-                                   "30 steps (a few minutes on 2 cores). Without these overrides the recipe trains "
-                                   "for 30 minutes, which is what raises held-out accuracy (docs/results.md).")
+                       description=f"Same as `diffrl train deploy/configs/shapes-cpu.yaml {' '.join(DEMO_OVERRIDES)} "
+                                   "[overrides]`: the default recipe's first 30 steps (a few minutes on 2 cores). "
+                                   "Without these overrides the recipe trains for 30 minutes, which is what raises "
+                                   "held-out accuracy (docs/results.md).")
     p.add_argument("config", nargs="*", help="overrides")
     p.set_defaults(func=cmd_demo)
 
