@@ -35,7 +35,7 @@ sysdeps:
 	@bash scripts/install-system-deps.sh
 
 test: venv sysdeps
-	$(PY) -m pytest -q
+	$(PY) -P -m pytest -q  # -P: the repo root stays off sys.path (its proto/ is not proto-plus)
 
 demo: venv sysdeps
 	$(VENV)/bin/diffrl demo
@@ -44,7 +44,7 @@ results: venv sysdeps
 	bash scripts/results.sh
 
 proto: venv
-	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. proto/*.proto
+	PY=$(PY) bash scripts/gen-proto.sh
 
 lint: venv
 	$(VENV)/bin/ruff check .

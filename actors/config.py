@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from diffrl.models.config import SamplingConfig
+
 from diffrl.config import require
-from models.config import SamplingConfig
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The sampler as a Ray actor: a thin shell that builds a :class:`actors.sampler.Sampler` inside the
+"""The sampler as a Ray actor: a thin shell that builds a :class:`diffrl.actors.sampler.Sampler` inside the
 actor process. Configs cross the process boundary as YAML text and are re-validated on arrival."""
 
 from __future__ import annotations
@@ -7,12 +7,13 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 
-from actors.config import SamplerConfig
+from diffrl.actors.config import SamplerConfig
+from diffrl.models.config import ModelConfig
+from diffrl.models.lora import LoraConfig
+from diffrl.proto.bus import RetryPolicy
+from diffrl.reward_servers.client import RewardClientConfig
+
 from diffrl.config import load_config_text
-from models.config import ModelConfig
-from models.lora import LoraConfig
-from proto.bus import RetryPolicy
-from reward_servers.client import RewardClientConfig
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +51,15 @@ class SamplerSpec:
 def build_sampler(spec: SamplerSpec):
     """A ready :class:`Sampler` (model loaded, reward client, producer, weight channel, metrics)."""
     import torch
+    from diffrl.actors.metrics import SamplerMetrics
+    from diffrl.actors.prompts import PromptSource
+    from diffrl.actors.sampler import Sampler
+    from diffrl.models.adapter import FlowModel
+    from diffrl.models.shapes_world import split_prompts
+    from diffrl.proto.bus import ExperienceProducer
+    from diffrl.reward_servers.client import SyncRewardClient
 
-    from actors.metrics import SamplerMetrics
-    from actors.prompts import PromptSource
-    from actors.sampler import Sampler
     from diffrl.embedded_redis import connect
-    from diffrl.evaluation import split_prompts
-    from models.adapter import FlowModel
-    from proto.bus import ExperienceProducer
-    from reward_servers.client import SyncRewardClient
 
     torch.set_num_threads(spec.sampler.torch_threads)
     model = FlowModel.from_config(spec.model)
@@ -66,7 +67,7 @@ def build_sampler(spec: SamplerSpec):
                                   retry=spec.bus_retry)
     weights = None
     if spec.weights_channel:
-        from proto.weight_sync import RayWeightChannel
+        from diffrl.proto.weight_sync import RayWeightChannel
 
         weights = RayWeightChannel(spec.weights_channel)
     prompts = PromptSource(split_prompts(spec.sampler.prompt_split), spec.shard_index, spec.num_shards,

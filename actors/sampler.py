@@ -22,24 +22,23 @@ from typing import Protocol
 
 import numpy as np
 import torch
-
-from actors.config import SamplerConfig
-from actors.metrics import SamplerMetrics
-from actors.prompts import PromptSource
-from models.adapter import FlowModel
-from models.lora import LoraConfig, load_lora_weights
-from models.sde import (
+from diffrl.actors.config import SamplerConfig
+from diffrl.actors.metrics import SamplerMetrics
+from diffrl.actors.prompts import PromptSource
+from diffrl.models.adapter import FlowModel
+from diffrl.models.lora import LoraConfig, load_lora_weights
+from diffrl.models.sde import (
     EXTRA_GUIDANCE_SCALE,
     EXTRA_LATENTS,
     EXTRA_LOG_PROBS,
     EXTRA_NOISE_LEVEL,
     EXTRA_SIGMAS,
 )
-from proto import experience_pb2
-from proto.codec import tensor_to_proto
-from proto.weight_sync import WeightSource
-from reward_servers.client import Group as RewardGroup
-from reward_servers.client import GroupScores
+from diffrl.proto import experience_pb2
+from diffrl.proto.codec import tensor_to_proto
+from diffrl.proto.weight_sync import WeightSource
+from diffrl.reward_servers.client import Group as RewardGroup
+from diffrl.reward_servers.client import GroupScores
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +50,7 @@ class GroupScorer(Protocol):
 
 
 class GroupSink(Protocol):
-    """Where groups go (``proto.bus.ExperienceProducer`` fits)."""
+    """Where groups go (``diffrl.proto.bus.ExperienceProducer`` fits)."""
 
     def publish(self, group: experience_pb2.Group) -> str: ...
 

@@ -72,21 +72,22 @@ class Log:
 
 
 def score(model, x0, prompts):
-    from reward_servers.scorers import shapes as shapes_scorer
+    from diffrl.reward_servers.scorers import shapes as shapes_scorer
 
     return shapes_scorer.score_batch(model.to_uint8(model.decode(x0)), prompts)
 
 
 def lockstep(args: argparse.Namespace) -> None:
+    from diffrl.learner.learner import Learner
+    from diffrl.learner.ray_learner import load_learner_model
+    from diffrl.models import shapes_world
+    from diffrl.proto import experience_pb2
+    from diffrl.proto.codec import tensor_to_proto
+
     from diffrl.config import load_config
     from diffrl.evaluation import evaluate
     from diffrl.job import trained_learner_config
-    from diffrl.learner_actor import load_learner_model
     from diffrl.schema import TrainConfig
-    from learner.learner import Learner
-    from models import shapes_world
-    from proto import experience_pb2
-    from proto.codec import tensor_to_proto
 
     cfg = load_config(TrainConfig, RECIPE, args.overrides)
     torch.set_num_threads(cfg.learner.torch_threads)
@@ -148,9 +149,10 @@ def lockstep(args: argparse.Namespace) -> None:
 
 
 def self_sft(args: argparse.Namespace) -> None:
+    from diffrl.models import shapes_world
+    from diffrl.models.pretrain import load_base
+
     from diffrl.evaluation import EvalConfig, evaluate
-    from models import shapes_world
-    from models.pretrain import load_base
 
     torch.set_num_threads(args.threads)
     model = load_base(device="cpu")
@@ -198,9 +200,11 @@ def self_sft(args: argparse.Namespace) -> None:
 
 
 def grad_agreement(args: argparse.Namespace) -> None:
-    from learner.algorithms.crd import CRDConfig, advantages, crd_step_loss, interpolate, velocity_target
-    from models import shapes_world
-    from models.pretrain import load_base
+    from diffrl.learner.advantages import advantages
+    from diffrl.learner.algorithms.crd import CRDConfig, crd_step_loss
+    from diffrl.learner.noise_levels import interpolate, velocity_target
+    from diffrl.models import shapes_world
+    from diffrl.models.pretrain import load_base
 
     torch.set_num_threads(args.threads)
     model = load_base(device="cpu")
@@ -236,9 +240,10 @@ def grad_agreement(args: argparse.Namespace) -> None:
 
 
 def pass_at_k(args: argparse.Namespace) -> None:
+    from diffrl.models.pretrain import load_base
+    from diffrl.reward_servers.scorers import shapes as shapes_scorer
+
     from diffrl.evaluation import split_prompts
-    from models.pretrain import load_base
-    from reward_servers.scorers import shapes as shapes_scorer
 
     torch.set_num_threads(args.threads)
     model = load_base(device="cpu")
@@ -257,9 +262,10 @@ def pass_at_k(args: argparse.Namespace) -> None:
 
 
 def snapshot_eval(args: argparse.Namespace) -> None:
+    from diffrl.learner import checkpoint as ckpt
+    from diffrl.models.pretrain import load_base
+
     from diffrl.evaluation import EvalConfig, evaluate
-    from learner import checkpoint as ckpt
-    from models.pretrain import load_base
 
     torch.set_num_threads(args.threads)
     model = load_base(device="cpu")
@@ -268,10 +274,10 @@ def snapshot_eval(args: argparse.Namespace) -> None:
         if folder.is_file():  # RUN/checkpoints/latest: the folder it names, as a resume finds it
             folder = ckpt.latest_checkpoint(folder.parent.parent)
         if args.snapshot == "theta":  # the DeepSpeed engine's module state: the UNet's own names
-            state = torch.load(folder / "engine" / "mp_rank_00_model_states.pt", map_location="cpu",
+            state = torch.load(folder / ckpt.engine_tag("theta") / "mp_rank_00_model_states.pt", map_location="cpu",
                                weights_only=True)["module"]
         else:
-            state = ckpt.load_tensors(folder / (ckpt.P_SAMP_FILE if args.snapshot == "p_samp" else ckpt.P_OLD_FILE))
+            state = ckpt.load_tensors(folder / ckpt.snapshot_file(args.snapshot))
         expected = model.transformer.state_dict().keys()
         if set(state) != set(expected):
             sys.exit(f"{folder}: {args.snapshot} does not hold the whole UNet (a LoRA run?); snapshot-eval reads "

@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     if not model:
         model = str(REPO / "assets/shapes-base")
         if not Path(model, "model_index.json").is_file():
-            from models.tiny_sd3 import TinySD3Arch, build_tiny_sd3
+            from diffrl.models.tiny_sd3 import TinySD3Arch, build_tiny_sd3
 
             root = Path(args.output_dir) / "soak-model"
             if not (root / "model" / "model_index.json").is_file():

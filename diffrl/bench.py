@@ -3,9 +3,9 @@ docs/benchmarks.md.
 
 ``bench loop`` runs the asynchronous service (``diffrl.job.train``: Ray sampler actors, reward servers,
 Redis, DeepSpeed learner actor, all overlapping). ``bench sync`` runs the synchronous baseline built
-from the same parts in one process and in lockstep: the same :class:`actors.sampler.Sampler` (built by
-``actors.ray_sampler.build_sampler``), the same reward client over HTTP to the same local reward
-servers, the same Redis stream and the same :class:`learner.learner.Learner` (DeepSpeed) with its
+from the same parts in one process and in lockstep: the same :class:`diffrl.actors.sampler.Sampler` (built by
+``diffrl.actors.ray_sampler.build_sampler``), the same reward client over HTTP to the same local reward
+servers, the same Redis stream and the same :class:`diffrl.learner.learner.Learner` (DeepSpeed) with its
 checkpoints; only the schedule differs (sample and score a step's groups, then train on them, then
 load the new weights, never two at once). ``bench sync-vs-async`` runs both with the same recipe and
 a simulated reward latency (``execution.latency_ms`` of the reward servers).
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Self
 import torch
 
 from diffrl.config import ConfigError, require
-from models.config import ModelConfig, SamplingConfig
+from diffrl.models.config import ModelConfig, SamplingConfig
 
 if TYPE_CHECKING:
     from diffrl.schema import TrainConfig
@@ -63,8 +63,8 @@ def _sync(device: torch.device) -> None:
 def bench_sampler(cfg: SamplerBenchConfig) -> dict:
     """Images/s of the full sampler (prompt encoding, Euler ODE with CFG, decoding to uint8) against
     the bound set by the denoiser alone: num_steps forwards of the same batch (x2 with CFG)."""
-    from models import shapes_world
-    from models.adapter import FlowModel
+    from diffrl.models import shapes_world
+    from diffrl.models.adapter import FlowModel
 
     model = FlowModel.from_config(cfg.model)
     s = cfg.sampling
@@ -129,7 +129,7 @@ def load_bench_config(recipe: str | None, overrides: list[str], reward_latency_m
 
 def with_reward_latency(cfg: TrainConfig, latency_ms: float, jitter_ms: float = 0.0) -> TrainConfig:
     """``cfg`` whose local reward servers add a simulated latency (reward_servers ExecutionConfig)."""
-    from reward_servers.config import ExecutionConfig
+    from diffrl.reward_servers.config import ExecutionConfig
 
     if latency_ms == 0 and jitter_ms == 0:
         return cfg
@@ -294,17 +294,17 @@ def run_sync_loop(cfg: TrainConfig, reward_latency_ms: float = 0.0) -> dict:
 
     Differences from ``train`` that are not the schedule: one sampler walking all the prompts (the
     service shards them over ``sampler.num_samplers`` actors), an embedded Redis always, and no Ray
-    (weights go through :class:`proto.weight_sync.LocalWeightChannel`, the same serialized update).
+    (weights go through :class:`diffrl.proto.weight_sync.LocalWeightChannel`, the same serialized update).
     Torch threads follow the recipe per phase (``sampler.torch_threads`` while sampling,
     ``learner.torch_threads`` while training). Reports the figures of :func:`bench_loop` (same
     definitions) plus the sampler's time per stage."""
-    from actors.ray_sampler import SamplerSpec, build_sampler
+    from diffrl.actors.ray_sampler import SamplerSpec, build_sampler
     from diffrl.config import to_yaml
     from diffrl.embedded_redis import EmbeddedRedis, connect
     from diffrl.job import JsonLines, _start_rewards, prepare_run_dir, trained_learner_config
-    from diffrl.learner_actor import load_learner_model
-    from learner.learner import Learner
-    from proto.weight_sync import LocalWeightChannel
+    from diffrl.learner.learner import Learner
+    from diffrl.learner.ray_learner import load_learner_model
+    from diffrl.proto.weight_sync import LocalWeightChannel
 
     if cfg.learner.world_size != 1:
         raise ConfigError("learner.world_size", f"1 for the synchronous loop (one process), got "

@@ -48,7 +48,7 @@ def load_from_args(schema: type, args: argparse.Namespace, extra: list[str] = ()
 
 # --------------------------------------------------------------------------------- pretrain
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from models.pretrain import PretrainConfig, pretrain
+    from diffrl.models.pretrain import PretrainConfig, pretrain
 
     cfg = load_from_args(PretrainConfig, args)
     stats = pretrain(cfg)
@@ -97,7 +97,7 @@ def _eval_schema():
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from diffrl.evaluation import evaluate
-    from models.adapter import FlowModel
+    from diffrl.models.adapter import FlowModel
 
     extra = []
     if args.model:
@@ -158,7 +158,7 @@ moves held-out accuracy (docs/results.md)."""
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The embedded default end to end: a short CRD training of the shipped shapes-world base model."""
-    from models.adapter import REPO_ROOT
+    from diffrl.models.adapter import REPO_ROOT
 
     recipe = str(REPO_ROOT / "deploy" / "configs" / "shapes-cpu.yaml")
     return main(["train", recipe, *DEMO_OVERRIDES, *args.config])
@@ -167,8 +167,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from diffrl.bench import SamplerBenchConfig
+    from diffrl.models.pretrain import PretrainConfig
     from diffrl.schema import TrainConfig
-    from models.pretrain import PretrainConfig
 
     parser = argparse.ArgumentParser(
         prog="diffrl",
@@ -241,11 +241,11 @@ def _plugins() -> list[Callable]:
     """Commands contributed by other packages: register(subparsers, bench_subparsers)."""
     plugins = []
     try:
-        from reward_servers.cli import register as register_rewards
+        from diffrl.reward_servers.cli import register as register_rewards
 
         plugins.append(register_rewards)
     except ImportError as err:  # only while that package is absent
-        if "reward_servers.cli" not in str(err):
+        if "diffrl.reward_servers.cli" not in str(err):
             raise
     return plugins
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import functools
 import inspect
 import itertools
 import re
@@ -164,7 +163,52 @@ def _is_open_mapping(cfg: Any, key: str) -> bool:
     return OmegaConf.is_dict(parent) and OmegaConf.get_type(parent) is dict
 
 
+_EXTENDED: dict[tuple, type] = {}
+
+
+def with_sections(cls: type) -> type:
+    """``cls`` with its registered sections as fields: a config class may declare
+    ``config_sections() -> {name: dataclass}`` (the learner: one section per registered algorithm),
+    which this adds, here and in every nested config class, as a subclass made on the fly (cached)."""
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        return cls
+    hints = _resolved_hints(cls)
+    have = {f.name for f in dataclasses.fields(cls)}
+    new: list[tuple[str, type, Any]] = []
+    for f in dataclasses.fields(cls):
+        ftype = hints.get(f.name, f.type)
+        ext = with_sections(ftype)
+        if ext is not ftype:
+            new.append((f.name, ext, dataclasses.field(default_factory=ext)))
+    sections = cls.config_sections() if hasattr(cls, "config_sections") else {}
+    new += [(name, sec, dataclasses.field(default_factory=sec)) for name, sec in sections.items() if name not in have]
+    if not new:
+        return cls
+    key = (cls, tuple((name, t) for name, t, _ in new))
+    if key not in _EXTENDED:
+        ext = dataclasses.make_dataclass(cls.__name__, new, bases=(cls,))
+        ext.__module__, ext.__qualname__, ext.__doc__ = cls.__module__, cls.__qualname__, cls.__doc__
+        ext.__section_docs__ = {name: (sec.__doc__ or "").strip().split("\n")[0] for name, sec in sections.items()}
+        _EXTENDED[key] = ext
+    return _EXTENDED[key]
+
+
+def with_sections_instance(obj: Any) -> Any:
+    """``obj`` (a config instance) as an instance of :func:`with_sections` of its class, carrying its
+    sections' current values (``to_yaml`` of a config built in code keeps them)."""
+    if isinstance(obj, list):
+        return [with_sections_instance(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: with_sections_instance(v) for k, v in obj.items()}
+    if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+        return obj
+    cls = with_sections(type(obj))
+    values = {f.name: with_sections_instance(getattr(obj, f.name)) for f in dataclasses.fields(cls) if f.init}
+    return cls(**values)
+
+
 def _build(schema: type[T], loaded: Any, overrides: Sequence[str], where: str) -> T:
+    schema = with_sections(schema)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(item, "overrides are written key.sub=value")
@@ -195,11 +239,11 @@ def _build(schema: type[T], loaded: Any, overrides: Sequence[str], where: str) -
 
 def to_yaml(cfg: Any) -> str:
     """The resolved config as YAML (written to every run folder)."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    return OmegaConf.to_yaml(OmegaConf.structured(with_sections_instance(cfg)))
 
 
 def to_dict(cfg: Any) -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+    return OmegaConf.to_container(OmegaConf.structured(with_sections_instance(cfg)), resolve=True)  # type: ignore[return-value]
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -226,7 +270,12 @@ def field_docs(cls: type) -> dict[str, str]:
 def describe(schema: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """(dotted key, type, default, docstring) for every leaf field, for ``--help`` and docs."""
     rows: list[tuple[str, str, str, str]] = []
-    docs = field_docs(schema)
+    schema = with_sections(schema)
+    docs: dict[str, str] = {}
+    for klass in reversed(schema.__mro__):  # a class made by with_sections has no source of its own
+        docs.update(field_docs(klass) if dataclasses.is_dataclass(klass) else {})
+    docs.update({k: f"The {k!r} section: {v}" for k, v in
+                 getattr(schema, "__section_docs__", {}).items() if k not in docs})
     hints = _resolved_hints(schema)
     for f in dataclasses.fields(schema):
         key = f"{prefix}{f.name}"
@@ -255,7 +304,6 @@ def _resolved_hints(cls: type) -> dict[str, Any]:
         return {}
 
 
-@functools.cache
 def format_help(schema: type) -> str:
     """Human-readable list of every config key, its type, default and meaning."""
     lines = []

@@ -27,7 +27,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,8 @@ from urllib.parse import quote, urlsplit
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from diffrl.utils import free_port
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def connect(url: str, **kwargs) -> redis.Redis:
     ``rediss://:secret@host:6380/0?ssl_cert_reqs=required&ssl_ca_certs=/etc/ca.pem``.
     Responses stay bytes (the bus carries binary protobuf); extra ``kwargs`` go to ``from_url``.
     redis-py's own silent retries are off: a lost connection surfaces at once, and the bus retries it
-    under its configured, counted policy (``proto.bus.RetryPolicy``); the next command reconnects.
+    under its configured, counted policy (``diffrl.proto.bus.RetryPolicy``); the next command reconnects.
     """
     scheme = urlsplit(url).scheme
     if scheme not in ("redis", "rediss", "unix"):
@@ -120,12 +121,6 @@ def redact_url(url: str) -> str:
 def _conf_quote(value: str) -> str:
     """A redis.conf string argument (double-quoted, escaped)."""
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _pdeathsig_preexec(parent_pid: int):
@@ -276,7 +271,7 @@ class EmbeddedRedis:
                     self.port = (
                         None
                         if self.requested_port is None
-                        else (self.requested_port or _free_port(self.host))
+                        else (self.requested_port or free_port(self.host))
                     )
                     try:
                         self._launch(executable)

@@ -17,10 +17,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from diffrl.config import require
-from models import shapes_world
-from models.adapter import FlowModel
-from models.config import ModelConfig
-from reward_servers.scorers import shapes as shapes_scorer
+from diffrl.models import shapes_world
+from diffrl.models.adapter import FlowModel
+from diffrl.models.config import ModelConfig
+from diffrl.models.shapes_world import split_prompts
+from diffrl.reward_servers.scorers import shapes as shapes_scorer
 
 SPLITS = ("eval", "train", "all")
 
@@ -66,11 +67,6 @@ class EvalCommandConfig:
     """What to evaluate and how to sample."""
     output_dir: str = "runs/eval"
     """Where the image grid and metrics.json are written."""
-
-
-def split_prompts(split: str) -> list[str]:
-    return {"eval": shapes_world.eval_prompts, "train": shapes_world.train_prompts,
-            "all": shapes_world.all_prompts}[split]()
 
 
 def eval_pairs(cfg: EvalConfig) -> tuple[list[str], list[int]]:
@@ -143,7 +139,7 @@ def shapes_features(images: np.ndarray) -> np.ndarray:
     shapes-world image, every entry in [0, 1] (needs no weights; deterministic):
 
     - class_* (6): fraction of pixels the detector's pixel classifier
-      (``reward_servers.scorers.shapes.classify_pixels``) calls background, each palette colour,
+      (``diffrl.reward_servers.scorers.shapes.classify_pixels``) calls background, each palette colour,
       off-palette (colour composition);
     - ink_block_r_c (4): fraction of inked (non-background) pixels in each quadrant (layout; a
       finer grid made the renders-vs-renders floor 20x larger for little gain);

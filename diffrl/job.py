@@ -32,16 +32,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from actors.ray_sampler import SamplerSpec, spawn_samplers
+from diffrl.actors.ray_sampler import SamplerSpec, spawn_samplers
 from diffrl.config import ConfigError, to_yaml
 from diffrl.embedded_redis import EmbeddedRedis, redact_url
-from diffrl.learner_actor import LearnerActor, LearnerSpec
+from diffrl.learner.config import LearnerConfig
+from diffrl.learner.ray_learner import LearnerActor, LearnerSpec
 from diffrl.local_stack import LocalRewardServer
 from diffrl.monitoring import METRICS_HOST_ENV, remove_prometheus_sd, write_prometheus_targets
 from diffrl.placement import in_bundle, learner_rendezvous, place_learners
+from diffrl.reward_servers.client import RewardClientConfig, RewardEndpointConfig
 from diffrl.schema import TrainConfig
-from learner.config import LearnerConfig
-from reward_servers.client import RewardClientConfig, RewardEndpointConfig
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ def train(cfg: TrainConfig) -> Path:
 
 
 class _Ledger:
-    """RUN_DIR/ledger.json: the experience stream's ledger (proto.bus.ledger_snapshot, read atomically
+    """RUN_DIR/ledger.json: the experience stream's ledger (diffrl.proto.bus.ledger_snapshot, read atomically
     from Redis, so it balances at any instant and across restarts of any process) plus the learner's
     own counters and the trained-group ids recorded in RUN_DIR/trained_groups.txt."""
 
@@ -273,8 +273,8 @@ class _Ledger:
         self.retry = cfg.redis.retry
 
     def write(self, **extra) -> dict:
-        from learner.checkpoint import write_json_atomic
-        from proto.bus import ExperienceProducer
+        from diffrl.learner.checkpoint import write_json_atomic
+        from diffrl.proto.bus import ExperienceProducer
 
         try:
             snap = ExperienceProducer(self.redis, self.stream, consumer_group=self.group, retry=self.retry).ledger()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,11 +16,7 @@ from typing import Self
 
 import httpx
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+from diffrl.utils import free_port
 
 
 class LocalRewardServer:
@@ -44,7 +39,7 @@ class LocalRewardServer:
         env = {k: v for k, v in env.items() if v is not None}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "reward_servers", "serve", self.name, "--host", "127.0.0.1",
+                [sys.executable, "-m", "diffrl.reward_servers", "serve", self.name, "--host", "127.0.0.1",
                  "--port", str(self.port), *self.args],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         return self

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from learner.metrics import PerRegistry
+from diffrl.utils import PerRegistry
 
 METRICS_HOST_ENV = "DIFFRL_METRICS_HOST"
 """Environment variable: bind address of the learner's and samplers' /metrics (default 127.0.0.1)."""

@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from actors.config import SamplerConfig
+from diffrl.actors.config import SamplerConfig
 from diffrl.config import require
 from diffrl.embedded_redis import redact_url as _redact_url
 from diffrl.evaluation import EvalConfig
-from learner.config import LearnerConfig
-from models.config import ModelConfig
-from proto.bus import RetryPolicy
+from diffrl.learner.config import LearnerConfig
+from diffrl.models.config import ModelConfig
+from diffrl.proto.bus import RetryPolicy
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -162,22 +162,5 @@ class TrainConfig:
         if self.learner.reward_weights:
             unknown = set(self.learner.reward_weights) - set(names)
             require(not unknown, "learner.reward_weights", f"names among the rewards {names}", sorted(unknown))
-        if self.learner.algorithm == "grpo":
-            self._validate_grpo_sampling()
-
-    def _validate_grpo_sampling(self) -> None:
-        """GRPO's PPO ratio needs the sampling policy's per-step log-probabilities: the samplers must
-        record them, with the SDE and schedule that learner.grpo recomputes them with."""
-        sampler, grpo = self.sampler, self.learner.grpo
-        require(sampler.record_log_probs, "sampler.record_log_probs",
-                "true when learner.algorithm=grpo (GRPO trains on the per-step log-probabilities the SDE "
-                "sampler records; also set sampler.sampling.sde_noise_level > 0)", sampler.record_log_probs)
-        s = sampler.sampling
-        for field_name, have, want, learner_field in (
-            ("sde_noise_level", s.sde_noise_level, grpo.noise_level, "noise_level"),
-            ("num_steps", s.num_steps, grpo.num_sampling_steps, "num_sampling_steps"),
-            ("shift", s.shift, grpo.time_shift, "time_shift"),
-            ("guidance_scale", s.guidance_scale, grpo.guidance_scale, "guidance_scale"),
-        ):
-            require(have == want, f"sampler.sampling.{field_name}",
-                    f"learner.grpo.{learner_field}={want!r} (the policy GRPO recomputes the log-probs of)", have)
+        # what the algorithm trains on must come from the samplers (e.g. GRPO's recorded log-probs)
+        self.learner.algorithm_class.check_recipe(self.learner.algorithm_config, self.sampler)

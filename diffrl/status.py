@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from learner import metrics as lm
+from diffrl.learner import metrics as lm
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]
 
@@ -86,12 +86,21 @@ def _learner(samples: Samples) -> dict:
         "reward_mean": _by(samples, lm.REWARD_MEAN, "reward"),
         "reward_std": _by(samples, lm.REWARD_STD, "reward"),
         "kl": _one(samples, lm.KL),
-        "beta": _one(samples, lm.BETA),
-        "crd_matching_loss": _one(samples, lm.CRD_MATCHING_LOSS),
+        "loss": _one(samples, lm.LOSS),
+        # the algorithm's own gauges (Algorithm.gauges), those the scrape has
+        "algorithm": {stat: value for stat, value in ((stat, _one(samples, name)) for stat, name in _algorithm_gauges())
+                      if value is not None},
         "eval": None if eval_step is None else {
             "step": eval_step, "strict": _one(samples, "diffrl_learner_eval_strict_accuracy"),
             "fidelity": _one(samples, "diffrl_learner_eval_fidelity")},
     }
+
+
+def _algorithm_gauges() -> list[tuple[str, str]]:
+    """(stat, metric name) of every registered algorithm's own gauges."""
+    from diffrl.learner.algorithms.base import registry
+
+    return sorted({(stat, name) for alg in registry().values() for stat, (name, _) in alg.gauges.items()})
 
 
 def _sampler(samples: Samples) -> dict:
@@ -211,7 +220,8 @@ def format_status(st: dict) -> str:
         (f"  groups consumed {_f(lr['groups_consumed'], 'd')}  dropped stale {_f(lr['groups_dropped_stale'], 'd')}  "
          f"masked {_f(lr['groups_masked'], 'd')}  staleness {_f(lr['staleness_mean'], '.2f')} versions (mean)"),
         f"  reward (last step)  {rewards}",
-        f"  kl {_f(lr['kl'], '.4g')}  beta {_f(lr['beta'], '.4g')}  crd loss {_f(lr['crd_matching_loss'], '.4g')}",
+        f"  loss {_f(lr['loss'], '.4g')}  kl {_f(lr['kl'], '.4g')}  "
+        + "  ".join(f"{stat} {_f(v, '.4g')}" for stat, v in sorted(lr["algorithm"].items())),
     ]
     if lr.get("eval"):
         ev = lr["eval"]

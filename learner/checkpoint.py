@@ -3,12 +3,13 @@
 Layout (``RUN_DIR/checkpoints/``)::
 
     step_000010/
-        engine/                     DeepSpeed engine state (engine.save_checkpoint: θ, optimizer,
-                                    ZeRO partitions). DeepSpeed writes these with torch.save (pickle);
-                                    they are only ever read back by the learner itself.
-        p_old.safetensors           the slow reference snapshot (LoRA: adapter weights only)
-        p_samp.safetensors          the sampling snapshot (absent when p_samp is p_old)
-        state.json                  step, p_samp version, world size, algorithm, LoRA, ZeRO stage
+        engine_<role>/              per trainable role (CRD, NFT, GRPO: engine_theta): DeepSpeed engine
+                                    state (engine.save_checkpoint: weights, optimizer, ZeRO partitions).
+                                    DeepSpeed writes these with torch.save (pickle); they are only ever
+                                    read back by the learner itself.
+        <role>.safetensors          per EMA role (CRD: p_old, p_samp) its trained tensors (LoRA:
+                                    adapter weights only)
+        state.json                  step, p_samp version, world size, algorithm, roles, LoRA, ZeRO stage
         rank_00000.json             per rank: ledger counters, trained group ids, python/numpy RNG
         rank_00000.safetensors      per rank: torch (and CUDA) RNG state, numpy's MT state vector
     latest                          name of the newest complete checkpoint, written last (atomically)
@@ -19,10 +20,12 @@ A checkpoint folder that ``latest`` does not name is incomplete (or older) and i
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +33,24 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+log = logging.getLogger("diffrl.learner.learner")
+
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
-ENGINE_TAG = "engine"
 STATE_FILE = "state.json"
-P_OLD_FILE = "p_old.safetensors"
-P_SAMP_FILE = "p_samp.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: one engine folder and one snapshot file per role (1: a single ``engine`` folder)."""
 _STEP_RE = re.compile(r"^step_(\d{6,})$")
+
+
+def engine_tag(role: str) -> str:
+    """The engine folder of a trainable role."""
+    return f"engine_{role}"
+
+
+def snapshot_file(role: str) -> str:
+    """The tensors of an EMA role."""
+    return f"{role}.safetensors"
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
@@ -178,3 +191,118 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
                          npm["has_gauss"], npm["cached_gaussian"]))
     py = meta["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+
+
+class Checkpointing:
+    """Mixin of :class:`~diffrl.learner.learner.Learner`: write and restore checkpoints of every role
+    (engines with their optimizers, snapshots), the step, the ledger and the RNG states."""
+
+    def save_checkpoint(self) -> Path:
+        """Write ``run_dir/checkpoints/step_XXXXXX`` (every rank takes part), point ``latest`` at it,
+        prune old ones, then acknowledge the entries it covers."""
+        if self.run_dir is None:
+            raise RuntimeError("no run_dir: checkpoints are off")
+        t0 = time.perf_counter()
+        folder = checkpoints_dir(self.run_dir) / step_name(self.step)
+        if self.rank == 0:
+            if folder.exists():  # a partial folder from a crashed attempt at this step
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+        self.dist.barrier()
+        for role, net in self.nets.trained.items():
+            net.engine.save_checkpoint(str(folder), tag=engine_tag(role), save_latest=False,
+                                       exclude_frozen_parameters=self.is_lora)
+        tensors, rng_meta = rng_state()
+        save_tensors(folder / rank_tensors(self.rank), tensors)
+        write_json_atomic(folder / rank_json(self.rank), {
+            "rank": self.rank,
+            "counters": self.counters,
+            "trained_group_ids": list(self._trained_ids),
+            # the (entry, group) pairs this checkpoint commits: acked / recorded again after a crash
+            "interval": [list(p) for p in zip(self._pending_ack, self._pending_groups)],
+            "rng": rng_meta,
+        })
+        if self.rank == 0:
+            for role, snap in self.nets.snapshots.items():
+                save_tensors(folder / snapshot_file(role), snap.state_dict())
+            write_json_atomic(folder / STATE_FILE, {
+                "format": FORMAT_VERSION,
+                "step": self.step,
+                "p_samp_version": self.step,
+                "world_size": self.world_size,
+                "algorithm": self.algorithm.name,
+                "roles": self.nets.names(),
+                "lora": self.is_lora,
+                "zero_stage": self.config.zero_stage,
+                "groups_per_step": self.config.groups_per_step,
+                "created_at": time.time(),
+            })
+        self.dist.barrier()  # every rank's files are in place
+        if self.rank == 0:
+            write_latest(self.run_dir, folder)
+            prune_checkpoints(self.run_dir, self.config.keep_checkpoints)
+        self.dist.barrier()  # `latest` names the new checkpoint: now the entries are committed
+        self._last_checkpoint_step = self.step
+        self._ack_pending()
+        self.metrics.checkpoint_seconds.observe(time.perf_counter() - t0)
+        return folder
+
+    def resume(self, run_dir: str | Path | None = None) -> int | None:
+        """Continue from the latest complete checkpoint of ``run_dir`` (default: this learner's):
+        every role's weights and optimizer (DeepSpeed), the snapshots, step/version, trained group
+        ids, counters and RNG states; then publish p_samp at the restored version. Call before
+        training. Returns the restored step, or None when there is no checkpoint (nothing changes).
+        Unacknowledged entries come back from the stream by themselves (the consumer re-delivers its
+        pending entries)."""
+        run_dir = Path(run_dir) if run_dir is not None else self.run_dir
+        if run_dir is None:
+            raise ValueError("run_dir: expected a run folder to resume from")
+        if self.step != 0:
+            raise RuntimeError("resume() must be called before training")
+        folder = latest_checkpoint(run_dir)
+        if folder is None:
+            return None
+        state = read_json(folder / STATE_FILE)
+        if state.get("format") != FORMAT_VERSION:
+            raise ValueError(f"checkpoint {folder} has format {state.get('format')!r}; this learner reads "
+                             f"format {FORMAT_VERSION} (written by this version of diffrl)")
+        for key, mine in (("algorithm", self.algorithm.name), ("roles", self.nets.names()), ("lora", self.is_lora)):
+            if state.get(key) != mine:
+                raise ValueError(f"checkpoint {folder} has {key}={state.get(key)!r}, this learner {mine!r}")
+        if self.config.zero_stage > 0 and state.get("world_size") != self.world_size:
+            raise ValueError(f"checkpoint {folder} was written by {state.get('world_size')} ranks with ZeRO; "
+                             f"this learner has {self.world_size}")
+        step = int(state["step"])
+        for role, net in self.nets.trained.items():
+            load_path, _ = net.engine.load_checkpoint(str(folder), tag=engine_tag(role),
+                                                      load_module_strict=not self.is_lora)
+            if load_path is None:
+                raise RuntimeError(f"DeepSpeed could not load {folder / engine_tag(role)}")
+            if net.engine.global_steps != step:
+                raise RuntimeError(f"{role}'s engine restored at step {net.engine.global_steps}, "
+                                   f"checkpoint says {step}")
+        for role, snap in self.nets.snapshots.items():
+            path = folder / snapshot_file(role)
+            snap.load(load_tensors(path), str(path))
+        trained: list[str] = []
+        for path in sorted(folder.glob("rank_*.json")):  # union: any rank may see any group again
+            trained += read_json(path)["trained_group_ids"]
+        for gid in trained:
+            self._remember_trained(gid)
+        mine_json = folder / rank_json(self.rank)
+        interval: list[tuple[str, str]] = []
+        if mine_json.is_file():
+            meta = read_json(mine_json)
+            self.counters.update(meta["counters"])
+            interval = [(str(e), str(g)) for e, g in meta.get("interval", [])]
+            set_rng_state(load_tensors(folder / rank_tensors(self.rank)), meta["rng"])
+        self.step = step
+        self._last_checkpoint_step = step
+        self._buffer, self._pending_ack, self._pending_groups = [], [], []
+        self._resume_commit = interval
+        if self.consumer is not None and interval:
+            self._commit_resumed()
+        self.metrics.policy_version.set(step)
+        self.publish()
+        log.info("learner rank %d resumed from %s (step %d)", self.rank, folder, step)
+        return step

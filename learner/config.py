@@ -10,18 +10,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from learner.algorithms.crd import CRDConfig
-from learner.algorithms.grpo import GRPOConfig
-from learner.algorithms.nft import NFTConfig
-
-ALGORITHMS = ("crd", "nft", "grpo")
-"""Algorithms the learner can run. GRPO trains on the per-step log-probabilities that an SDE sampler
-records (sampler.record_log_probs; checked when a recipe loads, diffrl/schema.py)."""
+from diffrl.learner.algorithms import base as algorithms
 
 DTYPES = ("auto", "float32", "bfloat16")
 DEVICES_HINT = "auto|cpu|cuda[:N]"
 
-from models.lora import SD3_ATTENTION_TARGETS, LoraConfig  # noqa: F401 - part of the learner config
+from diffrl.models.lora import SD3_ATTENTION_TARGETS, LoraConfig  # noqa: F401 - part of the learner config
 
 
 def _require(condition: bool, name: str, expected: str, got: object = None) -> None:
@@ -34,15 +28,10 @@ class LearnerConfig:
     """The learner: algorithm, batch, optimizer, DeepSpeed, snapshots, staleness, checkpoints."""
 
     algorithm: str = "crd"
-    """Training algorithm: 'crd' (Centered Reward Distillation), 'nft' (DiffusionNFT-style baseline) or
-    'grpo' (Flow-GRPO-style baseline; needs samplers with record_log_probs)."""
-    crd: CRDConfig = field(default_factory=CRDConfig)
-    """CRD hyperparameters (used when algorithm = 'crd')."""
-    nft: NFTConfig = field(default_factory=NFTConfig)
-    """DiffusionNFT hyperparameters (used when algorithm = 'nft')."""
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    """Flow-GRPO hyperparameters (used when algorithm = 'grpo'); its sampling fields must match the
-    samplers' sampling settings."""
+    """Training algorithm, by its registered name: 'crd' (Centered Reward Distillation), 'nft'
+    (DiffusionNFT-style baseline) or 'grpo' (Flow-GRPO-style baseline; needs samplers with
+    record_log_probs). Each algorithm's options are the section of its name, learner.<name>
+    (docs/algorithms.md)."""
     groups_per_step: int = 8
     """G: prompt groups per optimizer step, over all ranks (each rank trains groups_per_step /
     world_size of them)."""
@@ -107,9 +96,38 @@ class LearnerConfig:
     seed: int = 0
     """Seed of the noise levels and the forward-process noise (per step and rank) and of LoRA init."""
 
+    # ------------------------------------------------------------------ algorithm sections
+    @classmethod
+    def config_sections(cls) -> dict[str, type]:
+        """The sections this config has beside its fields: ``learner.<name>`` for every registered
+        algorithm (diffrl.config adds them to the schema when a recipe loads)."""
+        return {name: alg.config_class for name, alg in algorithms.registry().items()}
+
+    def __getattr__(self, name: str):
+        # a directly constructed LearnerConfig gets an algorithm's section (defaults) on first use
+        if name.startswith("_"):
+            raise AttributeError(name)
+        sections = type(self).config_sections()
+        if name not in sections:
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        value = sections[name]()
+        object.__setattr__(self, name, value)
+        return value
+
+    @property
+    def algorithm_class(self) -> type:
+        """The registered algorithm ``algorithm`` names."""
+        return algorithms.get(self.algorithm)
+
+    @property
+    def algorithm_config(self):
+        """The options of the selected algorithm (the section ``learner.<algorithm>``)."""
+        return getattr(self, self.algorithm)
+
     def validate(self) -> None:
-        _require(self.algorithm in ALGORITHMS, "algorithm", f"one of {ALGORITHMS}", self.algorithm)
-        for name in ("crd", "nft", "grpo", "lora"):
+        names = sorted(algorithms.registry())
+        _require(self.algorithm in names, "algorithm", f"one of {names}", self.algorithm)
+        for name in (self.algorithm, "lora"):
             try:
                 getattr(self, name).validate()
             except ValueError as err:
@@ -157,17 +175,3 @@ class LearnerConfig:
         if self.micro_groups == 0:
             return 1
         return -(-self.groups_per_rank // self.micro_groups)
-
-    @property
-    def num_noise_levels(self) -> int:
-        """Backward passes per chunk in one step: CRD's matching plus anchor-only levels, NFT's noise
-        levels, GRPO's trained denoising steps."""
-        if self.algorithm == "grpo":
-            return self.grpo.num_train_steps()
-        return self.crd.levels_per_step if self.algorithm == "crd" else self.nft.num_noise_levels
-
-    @property
-    def effective_grad_clip(self) -> float:
-        if self.grad_clip is not None:
-            return float(self.grad_clip)
-        return float(self.crd.max_grad_norm) if self.algorithm == "crd" else 1.0

@@ -1,5 +1,6 @@
 """Prometheus metrics of the learner (prefix ``diffrl_learner_``, base units, counters end in
-``_total``, no prompt text in labels; the only label is the reward function's name).
+``_total``, no prompt text in labels; the only label is the reward function's name). An algorithm's
+own gauges are declared in its file (``Algorithm.gauges``) and made here (``LearnerMetrics.gauge``).
 
 Metrics live in a registry passed in (default: prometheus_client's global one), so tests can read
 values with ``registry.get_sample_value(NAME, labels)``. One :class:`LearnerMetrics` per registry
@@ -9,10 +10,9 @@ failing on duplicate registration.
 
 from __future__ import annotations
 
-import weakref
-from typing import ClassVar, Self
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from diffrl.utils import PerRegistry
 
 PREFIX = "diffrl_learner_"
 
@@ -44,31 +44,11 @@ REWARD_STD = "diffrl_learner_reward_std"
 """Gauge (label reward): standard deviation of the last step's rewards."""
 LOSS = "diffrl_learner_loss"
 """Gauge: the algorithm's total loss of the last step (mean over noise levels)."""
-CRD_MATCHING_LOSS = "diffrl_learner_crd_matching_loss"
-"""Gauge: CRD's centered reward-matching loss L_CRD of the last step."""
 KL = "diffrl_learner_kl"
-"""Gauge: KL to the reference of the last step: CRD/NFT mean ‖v_θ − v_φ^w‖² to the (CFG) anchor; GRPO
-the per-dimension KL of θ's SDE step to the base model's (0 when grpo.kl_beta = 0)."""
+"""Gauge: KL to the reference of the last step, as the algorithm measures it (CRD/NFT: mean
+‖v_θ − v_φ^w‖² to the (CFG) anchor; GRPO: the per-dimension KL of θ's SDE step to the base model's)."""
 KL_LOSS = "diffrl_learner_kl_loss"
 """Gauge: the reward-adaptive KL loss term of the last step."""
-BETA = "diffrl_learner_beta"
-"""Gauge: CRD's β (scale of the implicit reward)."""
-IMPLICIT_REWARD_MEAN = "diffrl_learner_implicit_reward_mean"
-"""Gauge: mean implicit reward R̂ of the last step."""
-IMPLICIT_REWARD_STD = "diffrl_learner_implicit_reward_std"
-"""Gauge: standard deviation of R̂ of the last step."""
-IMPLICIT_REWARD_CORR = "diffrl_learner_implicit_reward_corr"
-"""Gauge: correlation of the group-centered R̂ with the centered advantages (how well θ ranks samples)."""
-GRPO_CLIP_FRACTION = "diffrl_learner_grpo_clip_fraction"
-"""Gauge: GRPO, fraction of (sample, denoising step) pairs of the last step whose ratio ρ was outside
-1 ± clip_range."""
-GRPO_RATIO_MEAN = "diffrl_learner_grpo_ratio_mean"
-"""Gauge: GRPO, mean ratio ρ = p_θ/p_sampler over (sample, denoising step) of the last step (1 on-policy;
-staleness moves it)."""
-GRPO_APPROX_KL = "diffrl_learner_grpo_approx_kl"
-"""Gauge: GRPO, ½·mean (log ρ)² of the last step (how far θ is from the sampling policy)."""
-GRPO_POLICY_LOSS = "diffrl_learner_grpo_policy_loss"
-"""Gauge: GRPO, the PPO-clipped surrogate of the last step (the loss without the KL term)."""
 GRAD_NORM = "diffrl_learner_grad_norm"
 """Gauge: gradient norm before clipping of the last step."""
 STALENESS_VERSIONS = "diffrl_learner_staleness_versions"
@@ -79,30 +59,11 @@ BACKLOG_GROUPS = "diffrl_learner_backlog_groups"
 """Gauge: groups in the stream not yet acknowledged by the learner (undelivered + pending)."""
 LEDGER_GROUPS = "diffrl_ledger_groups"
 """Gauge (label entry): the experience stream's ledger read atomically from Redis by rank 0 (see
-proto.bus): produced, produced_masked, each fate (trained, dropped_stale, masked, duplicate, invalid,
+diffrl.proto.bus): produced, produced_masked, each fate (trained, dropped_stale, masked, duplicate, invalid,
 malformed, lost), pending_undelivered, pending_delivered, pending, accounted. produced == accounted."""
 
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
-
-
-class PerRegistry:
-    """Base of a set of metric objects made once per registry: ``for_registry`` returns the set
-    already registered there, since registering the same names twice fails."""
-
-    _by_registry: ClassVar[weakref.WeakKeyDictionary]
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        cls._by_registry = weakref.WeakKeyDictionary()  # one table per subclass
-
-    @classmethod
-    def for_registry(cls, registry: CollectorRegistry | None = None) -> Self:
-        registry = REGISTRY if registry is None else registry
-        found = cls._by_registry.get(registry)
-        if found is None:
-            found = cls._by_registry[registry] = cls(registry)
-        return found
 
 
 class LearnerMetrics(PerRegistry):
@@ -111,6 +72,7 @@ class LearnerMetrics(PerRegistry):
     def __init__(self, registry: CollectorRegistry):
         r = registry
         self.registry = registry
+        self._extra: dict[str, Gauge] = {}
         self.step_seconds = Histogram(STEP_SECONDS, "Wall time of one optimizer step.", buckets=STEP_BUCKETS,
                                       registry=r)
         self.checkpoint_seconds = Histogram(CHECKPOINT_SECONDS, "Wall time of writing one checkpoint.",
@@ -129,20 +91,9 @@ class LearnerMetrics(PerRegistry):
         self.reward_mean = Gauge(REWARD_MEAN, "Mean reward of the last step.", ["reward"], registry=r)
         self.reward_std = Gauge(REWARD_STD, "Reward standard deviation of the last step.", ["reward"], registry=r)
         self.loss = Gauge(LOSS, "Total loss of the last step.", registry=r)
-        self.crd_matching_loss = Gauge(CRD_MATCHING_LOSS, "CRD centered reward-matching loss.", registry=r)
         self.kl = Gauge(KL, "KL to the reference (CRD/NFT: mean squared velocity distance to the anchor).",
                         registry=r)
         self.kl_loss = Gauge(KL_LOSS, "Reward-adaptive KL loss term.", registry=r)
-        self.beta = Gauge(BETA, "CRD beta.", registry=r)
-        self.implicit_reward_mean = Gauge(IMPLICIT_REWARD_MEAN, "Mean implicit reward.", registry=r)
-        self.implicit_reward_std = Gauge(IMPLICIT_REWARD_STD, "Implicit reward standard deviation.", registry=r)
-        self.implicit_reward_corr = Gauge(IMPLICIT_REWARD_CORR, "Correlation of centered implicit reward and "
-                                          "centered advantage.", registry=r)
-        self.grpo_clip_fraction = Gauge(GRPO_CLIP_FRACTION, "GRPO: fraction of ratios outside 1 +- clip_range.",
-                                        registry=r)
-        self.grpo_ratio_mean = Gauge(GRPO_RATIO_MEAN, "GRPO: mean ratio p_theta/p_sampler.", registry=r)
-        self.grpo_approx_kl = Gauge(GRPO_APPROX_KL, "GRPO: half the mean squared log-ratio.", registry=r)
-        self.grpo_policy_loss = Gauge(GRPO_POLICY_LOSS, "GRPO: PPO-clipped surrogate loss.", registry=r)
         self.grad_norm = Gauge(GRAD_NORM, "Gradient norm before clipping.", registry=r)
         self.staleness = Histogram(STALENESS_VERSIONS, "Policy versions between sampling and training.",
                                    buckets=STALENESS_BUCKETS, registry=r)
@@ -150,6 +101,13 @@ class LearnerMetrics(PerRegistry):
         self.backlog = Gauge(BACKLOG_GROUPS, "Unacknowledged groups in the experience stream.", registry=r)
         self.ledger = Gauge(LEDGER_GROUPS, "Ledger of the experience stream: groups produced, by fate, and "
                             "pending.", ["entry"], registry=r)
+
+    def gauge(self, name: str, documentation: str) -> Gauge:
+        """A gauge of an algorithm's own (``Algorithm.gauges``), made once per registry and name."""
+        found = self._extra.get(name)
+        if found is None:
+            found = self._extra[name] = Gauge(name, documentation, registry=self.registry)
+        return found
 
     def observe_step(self, stats: dict) -> None:
         """Record the stats returned by ``Learner.train_on_groups``."""
@@ -166,21 +124,8 @@ class LearnerMetrics(PerRegistry):
         self.reward_mean.labels(reward="total").set(stats["reward_mean"])
         self.reward_std.labels(reward="total").set(stats["reward_std"])
         self.loss.set(stats["loss"])
-        if "matching_loss" in stats:
-            self.crd_matching_loss.set(stats["matching_loss"])
         self.kl.set(stats.get("kl", 0.0))
         self.kl_loss.set(stats.get("kl_loss", 0.0))
-        if "beta" in stats:
-            self.beta.set(stats["beta"])
-        if "implicit_reward_mean" in stats:
-            self.implicit_reward_mean.set(stats["implicit_reward_mean"])
-            self.implicit_reward_std.set(stats["implicit_reward_std"])
-            self.implicit_reward_corr.set(stats["implicit_reward_corr"])
-        if "clip_fraction" in stats:  # GRPO
-            self.grpo_clip_fraction.set(stats["clip_fraction"])
-            self.grpo_ratio_mean.set(stats["ratio_mean"])
-            self.grpo_approx_kl.set(stats["approx_kl"])
-            self.grpo_policy_loss.set(stats["policy_loss"])
         if stats.get("grad_norm") is not None:
             self.grad_norm.set(stats["grad_norm"])
         for s in stats.get("staleness", []):

@@ -2,7 +2,7 @@
 a local path or a hub id) and the shapes-world base model (a FlowUNetPipeline: a small UNet in pixel
 space with SD3's CLIP text-encoder pair). Both encode prompts the SD3 way (token embeddings + pooled).
 
-Rectified-flow notation (ALGORITHMS.md): x_σ = (1 − σ)·x0 + σ·ε, velocity target u = ε − x0, and the
+Rectified-flow notation (docs/algorithms.md): x_σ = (1 − σ)·x0 + σ·ε, velocity target u = ε − x0, and the
 network v(x_σ, σ, c). Sampling integrates dx/dσ = v from σ = 1 (noise) to σ = 0 with Euler steps.
 
 Everything that trains or samples goes through :class:`FlowModel`: prompt encoding (with the empty
@@ -24,20 +24,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffrl.models.config import ModelConfig
+from diffrl.models.sde import sde_sigmas, sde_step_with_noise
 from torch import nn
 
-from models.config import ModelConfig
-from models.sde import sde_sigmas, sde_step_with_noise
+from diffrl.utils import DTYPES, resolve_device
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Components a StableDiffusion3Pipeline may leave out; passed as None when the folder lacks them.
 OPTIONAL_COMPONENTS = ("vae", "text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor")
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @dataclass
@@ -76,9 +70,8 @@ def load_pipeline(path: str, dtype: torch.dtype = torch.float32):
     """The pipeline in a local diffusers folder (a FlowUNetPipeline or a StableDiffusion3Pipeline whose
     optional components absent from model_index.json become None), or an SD3 hub id where the hub is
     reachable."""
+    from diffrl.models.flow_pipeline import FlowUNetPipeline
     from diffusers import StableDiffusion3Pipeline
-
-    from models.flow_pipeline import FlowUNetPipeline
 
     path = resolve_model_path(path)
     folder = Path(path)

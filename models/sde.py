@@ -3,7 +3,7 @@
 re-exports these functions and recomputes the step's log-density under θ), so both sides evaluate
 one formula and an on-policy ratio is exactly 1. The derivation is in grpo.py's docstring.
 
-Notation as in ALGORITHMS.md: σ ∈ [0, 1] the noise level, x_σ = (1 − σ)·x0 + σ·ε, v(x, σ) ≈ E[ε − x0 |
+Notation as in docs/algorithms.md: σ ∈ [0, 1] the noise level, x_σ = (1 − σ)·x0 + σ·ε, v(x, σ) ≈ E[ε − x0 |
 x_σ = x]. One step σ -> σ' < σ, Δ = σ' − σ:
 
     x_{σ'} = μ + s·z,  μ = x + [v + g_σ²/(2σ)·(x + (1 − σ)·v)]·Δ,  s = g_σ·sqrt(−Δ),
@@ -59,7 +59,7 @@ def _bcast(s: Tensor | float, like: Tensor) -> Tensor:
 def sde_sigmas(num_steps: int, shift: float = 1.0) -> Tensor:
     """The Euler/SDE sampler's levels ``[num_steps + 1]`` float64 from 1 (pure noise) to 0: σ_k =
     shift·τ/(1 + (shift − 1)·τ), τ = 1 − k/num_steps; step k evaluates the velocity at σ_k and moves
-    to σ_{k+1} (``learner.algorithms.crd.sampling_sigmas`` is this function)."""
+    to σ_{k+1} (``diffrl.learner.algorithms.crd.sampling_sigmas`` is this function)."""
     _require(num_steps >= 1, "num_steps", ">= 1", num_steps)
     tau = 1.0 - torch.arange(num_steps + 1, dtype=torch.float64) / num_steps  # [S + 1]
     return shift * tau / (1.0 + (shift - 1.0) * tau)  # [S + 1]

@@ -383,3 +383,8 @@ def render_batch(prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
             clauses = cache[p] = parse_prompt(p)
         render(sample_scene(clauses, np.random.default_rng(int(s))), out=out[i])
     return out
+
+
+def split_prompts(split: str) -> list[str]:
+    """The prompts of a split: 'train', 'eval' (held out) or 'all'."""
+    return {"eval": eval_prompts, "train": train_prompts, "all": all_prompts}[split]()

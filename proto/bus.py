@@ -47,9 +47,8 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import redis as _redis
-
-from proto import experience_pb2
-from proto.codec import check_group, group_from_bytes, group_to_bytes
+from diffrl.proto import experience_pb2
+from diffrl.proto.codec import check_group, group_from_bytes, group_to_bytes
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,7 @@ import threading
 from typing import Protocol
 
 import torch
-
-from proto.codec import (
+from diffrl.proto.codec import (
     weight_update_from_bytes,
     weight_update_from_proto,
     weight_update_to_bytes,

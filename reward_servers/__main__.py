@@ -1,8 +1,8 @@
-"""``python -m reward_servers serve NAME ...`` (same as ``diffrl reward serve NAME ...``)."""
+"""``python -m diffrl.reward_servers serve NAME ...`` (same as ``diffrl reward serve NAME ...``)."""
 
 import sys
 
-from reward_servers.cli import main
+from diffrl.reward_servers.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,7 +20,7 @@ fails. Only a failure *of the scorer* on some items of a good request is reporte
 
 The event loop only reads bodies and writes responses: parsing, decoding and scoring run in a
 thread pool, and concurrent requests are micro-batched when the scorer gains from it (see
-``reward_servers.batching``).
+``diffrl.reward_servers.batching``).
 """
 
 from __future__ import annotations
@@ -36,19 +36,18 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import cv2
+from diffrl.proto import reward_pb2
+from diffrl.reward_servers.batching import MicroBatcher, Scored, score_robustly
+from diffrl.reward_servers.config import ExecutionConfig, ServerLimits
+from diffrl.reward_servers.images import ImageError, decode_image, image_header
+from diffrl.reward_servers.metrics import ServerMetrics
+from diffrl.reward_servers.scorers.base import Scorer
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST
-
-from proto import reward_pb2
-from reward_servers.batching import MicroBatcher, Scored, score_robustly
-from reward_servers.config import ExecutionConfig, ServerLimits
-from reward_servers.images import ImageError, decode_image, image_header
-from reward_servers.metrics import ServerMetrics
-from reward_servers.scorers.base import Scorer
 
 PROTO_TYPES = ("application/x-protobuf", "application/protobuf", "application/vnd.google.protobuf")
 JSON_TYPES = ("application/json",)

@@ -23,8 +23,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from reward_servers.scorers.base import Scorer
+from diffrl.reward_servers.scorers.base import Scorer
 
 
 @dataclass

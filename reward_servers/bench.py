@@ -1,7 +1,7 @@
 """``diffrl bench reward NAME``: images/s of a reward over HTTP (protobuf, then JSON) against
 calling the same scorer in-process on the same cores.
 
-A server process (``python -m reward_servers serve NAME``) is pinned to ``server_cpus`` with
+A server process (``python -m diffrl.reward_servers serve NAME``) is pinned to ``server_cpus`` with
 ``threads`` scoring threads; the load generator (this process, async httpx, ``concurrency``
 requests in flight, request bodies encoded beforehand: encoding is the sampler's cost) runs on
 ``client_cpus``. The in-process baseline pins this process to ``server_cpus`` and runs
@@ -25,7 +25,6 @@ import math
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,11 +36,12 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from diffrl.proto import reward_pb2
+from diffrl.reward_servers.images import decode_image, encode_png
 from google.protobuf import json_format
 
 from diffrl.config import require
-from proto import reward_pb2
-from reward_servers.images import decode_image, encode_png
+from diffrl.utils import free_port
 
 WORDS = ("hello", "diffrl", "reward", "flow", "sample", "quick", "zebra", "tensor", "ocean", "river", "policy",
          "group", "sign", "coffee", "garden", "winter", "yellow", "mountain", "pixel", "market", "stone", "light",
@@ -124,8 +124,7 @@ def draw_faces(n: int, width: int = 360, height: int = 140) -> np.ndarray:
 def workload(name: str, n: int, seed: int = 0) -> tuple[list[np.ndarray], list[str], list[dict[str, str]]]:
     """(images, prompts, metadata) of one benchmark batch for reward ``name``."""
     import cv2
-
-    from models.shapes_world import all_prompts, render_prompt
+    from diffrl.models.shapes_world import all_prompts, render_prompt
 
     rng = np.random.default_rng(seed)
     prompts_all = all_prompts()
@@ -161,12 +160,6 @@ def _pin(spec: str) -> None:
     os.sched_setaffinity(0, cpus if cpus else _AVAILABLE_CPUS)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -179,14 +172,14 @@ def _cpu_model() -> str:
 
 class _Server:
     def __init__(self, cfg: RewardBenchConfig):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="bench-reward-", suffix=".log", delete=False)  # noqa: SIM115
         cpus = _cpus(cfg.server_cpus)
         env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads)}
         env.pop("DIFFRL_REWARD_TOKEN", None)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "reward_servers", "serve", cfg.name, "--port", str(self.port),
+            [sys.executable, "-m", "diffrl.reward_servers", "serve", cfg.name, "--port", str(self.port),
              f"execution.threads={cfg.threads}", "limits.max_items=1024", *cfg.server],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         if cpus:  # pinned before the interpreter has started any thread (they inherit the mask)
@@ -217,7 +210,7 @@ class _Server:
 
 def _in_process(cfg: RewardBenchConfig, batches, with_decode: bool) -> tuple[float, float]:
     """(images/s, images per CPU second)."""
-    from reward_servers.scorers import get_scorer, make_options
+    from diffrl.reward_servers.scorers import get_scorer, make_options
 
     opts = {}
     for item in cfg.server:  # scorer.* overrides apply to the in-process scorer too

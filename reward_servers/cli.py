@@ -1,5 +1,5 @@
 """Command line of the reward servers, plugged into ``diffrl`` (``register``) and also runnable as
-``python -m reward_servers``::
+``python -m diffrl.reward_servers``::
 
     diffrl reward serve shapes --port 8101                      # one process, one reward
     diffrl reward serve ocr --host 0.0.0.0 --port 8102 --workers 2 --token-file /run/secrets/reward
@@ -25,8 +25,9 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+from diffrl.reward_servers.config import TOKEN_ENV, RewardServerConfig
+
 from diffrl.config import ConfigError, describe, format_help, load_config, run_command
-from reward_servers.config import TOKEN_ENV, RewardServerConfig
 
 SERVE_ENV = "DIFFRL_REWARD_SERVE"
 """Environment variable carrying the resolved serve config (JSON) to uvicorn worker processes."""
@@ -36,7 +37,7 @@ TOKEN_FILE_ENV = "DIFFRL_REWARD_TOKEN_FILE"
 # ----------------------------------------------------------------------------- config
 def serve_schema(name: str) -> type:
     """RewardServerConfig plus a ``scorer`` field holding reward ``name``'s options."""
-    from reward_servers.scorers import scorer_class
+    from diffrl.reward_servers.scorers import scorer_class
 
     opt_cls = scorer_class(name).Options
     return dataclasses.make_dataclass(
@@ -67,7 +68,7 @@ def read_token(token_file: str | None) -> str | None:
 
 
 def _options_help() -> str:
-    from reward_servers.scorers import scorer_class, scorer_names
+    from diffrl.reward_servers.scorers import scorer_class, scorer_names
 
     lines = ["", "reward options (scorer.KEY=VALUE):"]
     for name in scorer_names():
@@ -87,8 +88,8 @@ def _options_help() -> str:
 # ----------------------------------------------------------------------------- serve
 def build_app_from_env():
     """uvicorn factory for worker processes (``workers > 1``): config from ``$DIFFRL_REWARD_SERVE``."""
-    from reward_servers.app import create_app
-    from reward_servers.scorers import get_scorer
+    from diffrl.reward_servers.app import create_app
+    from diffrl.reward_servers.scorers import get_scorer
 
     spec = json.loads(os.environ[SERVE_ENV])
     cfg = load_config(serve_schema(spec["name"]), spec["recipe"], spec["overrides"])
@@ -109,9 +110,8 @@ def serve(name: str, cfg, token: str | None, recipe: str | None = None, override
     """Serve reward ``name`` with the resolved ``cfg`` until SIGINT/SIGTERM. With ``workers > 1`` the
     worker processes rebuild the config from ``recipe`` and ``overrides``."""
     import uvicorn
-
-    from reward_servers.app import create_app
-    from reward_servers.scorers import get_scorer
+    from diffrl.reward_servers.app import create_app
+    from diffrl.reward_servers.scorers import get_scorer
 
     if cfg.workers == 1:
         scorer = get_scorer(name, cfg.scorer)
@@ -139,7 +139,7 @@ def serve(name: str, cfg, token: str | None, recipe: str | None = None, override
     print(f"diffrl reward server {name!r} with {cfg.workers} workers on http://{cfg.host}:{cfg.port}"
           f"{' (bearer token required)' if token else ''}{_latency_note(cfg)}", flush=True)
     try:
-        uvicorn.run("reward_servers.cli:build_app_from_env", factory=True, host=cfg.host, port=cfg.port,
+        uvicorn.run("diffrl.reward_servers.cli:build_app_from_env", factory=True, host=cfg.host, port=cfg.port,
                     workers=cfg.workers, log_level=cfg.log_level, access_log=False, timeout_graceful_shutdown=5)
     finally:
         shutil.rmtree(mp_dir, ignore_errors=True)
@@ -161,7 +161,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from reward_servers.scorers import scorer_class, scorer_names
+    from diffrl.reward_servers.scorers import scorer_class, scorer_names
 
     for name in scorer_names():
         doc = (sys.modules[scorer_class(name).__module__].__doc__ or "").strip().splitlines()[0]
@@ -170,7 +170,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from reward_servers.bench import RewardBenchConfig, bench_reward, format_report
+    from diffrl.reward_servers.bench import RewardBenchConfig, bench_reward, format_report
 
     recipe, overrides = _split_recipe(list(args.config))
     cfg = load_config(RewardBenchConfig, recipe, [f"name={args.name}", *overrides])
@@ -208,7 +208,7 @@ def _intermixed(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _reward_names() -> list[str]:
-    from reward_servers.scorers import scorer_names
+    from diffrl.reward_servers.scorers import scorer_names
 
     return scorer_names()
 
@@ -238,7 +238,7 @@ def add_list_parser(sub) -> argparse.ArgumentParser:
 
 
 def add_bench_parser(sub, name: str = "reward") -> argparse.ArgumentParser:
-    from reward_servers.bench import RewardBenchConfig
+    from diffrl.reward_servers.bench import RewardBenchConfig
 
     p = sub.add_parser(name, help="reward server images/s: HTTP+protobuf and JSON vs in-process",
                        description="Start a reward server, score batches over HTTP (protobuf, then JSON) and "
@@ -262,9 +262,9 @@ def register(subparsers, bench_subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m reward_servers {serve,list,bench} ...``"""
+    """``python -m diffrl.reward_servers {serve,list,bench} ...``"""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    parser = argparse.ArgumentParser(prog="python -m reward_servers", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m diffrl.reward_servers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve_parser(sub)

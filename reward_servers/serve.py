@@ -8,7 +8,7 @@ server's ``http://HOST:PORT``.
 
 Run one reward::
 
-    serve run reward_servers.serve:build_app name=shapes                      # dev, CLI args
+    serve run diffrl.reward_servers.serve:build_app name=shapes                      # dev, CLI args
     serve deploy deploy/serve/rewards.yaml                                     # all rewards, autoscaled
 
 or from Python: ``serve.run(build_app({"name": "shapes"}), name="shapes", route_prefix="/shapes")``.
@@ -23,9 +23,8 @@ import math
 import os
 from typing import Any
 
+from diffrl.reward_servers.config import TOKEN_ENV
 from ray import serve
-
-from reward_servers.config import TOKEN_ENV
 
 DEFAULT_AUTOSCALING: dict[str, Any] = {
     "min_replicas": 1,
@@ -61,10 +60,11 @@ class RewardDeployment:
         self.config = dict(config or {})
 
     def __serve_build_asgi_app__(self):
+        from diffrl.reward_servers.app import create_app
+        from diffrl.reward_servers.cli import serve_schema
+        from diffrl.reward_servers.scorers import get_scorer
+
         from diffrl.config import load_config
-        from reward_servers.app import create_app
-        from reward_servers.cli import serve_schema
-        from reward_servers.scorers import get_scorer
 
         cfg = load_config(serve_schema(self.name), None, dict_to_overrides(self.config))
         token = os.environ.get(TOKEN_ENV, "").strip() or None

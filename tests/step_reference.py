@@ -21,15 +21,20 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
+from diffrl.learner.config import LearnerConfig
+from diffrl.learner.learner import Learner
+from diffrl.models.adapter import FlowModel
+from diffrl.models.sde import (
+    EXTRA_GUIDANCE_SCALE,
+    EXTRA_LATENTS,
+    EXTRA_LOG_PROBS,
+    EXTRA_NOISE_LEVEL,
+    EXTRA_SIGMAS,
+)
+from diffrl.models.tiny_sd3 import TinySD3Arch, build_tiny_sd3
+from diffrl.proto import experience_pb2
+from diffrl.proto.codec import tensor_to_proto
 from prometheus_client import CollectorRegistry
-
-from learner.config import LearnerConfig
-from learner.learner import Learner
-from models.adapter import FlowModel
-from models.sde import EXTRA_GUIDANCE_SCALE, EXTRA_LATENTS, EXTRA_LOG_PROBS, EXTRA_NOISE_LEVEL, EXTRA_SIGMAS
-from models.tiny_sd3 import TinySD3Arch, build_tiny_sd3
-from proto import experience_pb2
-from proto.codec import tensor_to_proto
 
 DATA = Path(__file__).resolve().parent / "data" / "step_reference.json"
 STEPS, G, K = 3, 2, 4

@@ -13,31 +13,25 @@ import textwrap
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
-from hypothesis import strategies as st
-
-from learner.algorithms import crd, grpo, nft
-from learner.algorithms.crd import (
+from diffrl.learner import noise_levels as nl
+from diffrl.learner.advantages import advantages
+from diffrl.learner.algorithms import grpo, nft
+from diffrl.learner.algorithms.crd import (
     CRDConfig,
-    EMASchedule,
-    adaptive_weight,
-    advantages,
-    anchor_noise_levels,
     center_in_group,
     cfg,
     crd_anchor_loss,
     crd_matching_loss,
     crd_step_loss,
-    ema_decay,
-    ema_update_,
     implicit_reward,
-    interpolate,
-    kl_anchor,
-    noise_levels,
     reward_adaptive_kl_loss,
-    velocity_target,
 )
-from models.sde import sde_step_with_noise
+from diffrl.learner.ema import EMASchedule, ema_decay, ema_update_
+from diffrl.learner.losses import adaptive_weight, kl_anchor
+from diffrl.learner.noise_levels import anchor_noise_levels, interpolate, noise_levels, velocity_target
+from diffrl.models.sde import sde_step_with_noise
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 F64 = torch.float64
 
@@ -282,9 +276,9 @@ def test_ema_update_in_place():
 
 
 def test_shift_hand_computed():
-    assert close(crd.shift_sigma(0.5, 3.0), 0.75) and close(crd.shift_sigma(0.1, 3.0), 0.25)
-    assert close(crd.unshift_sigma(0.75, 3.0), 0.5)
-    assert close(crd.sampling_sigmas(4, 1.0), [1.0, 0.75, 0.5, 0.25, 0.0])
+    assert close(nl.shift_sigma(0.5, 3.0), 0.75) and close(nl.shift_sigma(0.1, 3.0), 0.25)
+    assert close(nl.unshift_sigma(0.75, 3.0), 0.5)
+    assert close(nl.sampling_sigmas(4, 1.0), [1.0, 0.75, 0.5, 0.25, 0.0])
 
 
 def test_noise_levels_cover_the_sampler_grid():
@@ -294,7 +288,7 @@ def test_noise_levels_cover_the_sampler_grid():
     assert torch.allclose(s, torch.tensor([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]))
     # shift 3, T = 2S: each shifted level exactly twice (0.75 = shift(0.5), 0.25 = shift(0.1))
     s = noise_levels(20, 10, 3.0, 1.0, g)
-    grid = crd.sampling_sigmas(10, 3.0)[:10].float()
+    grid = nl.sampling_sigmas(10, 3.0)[:10].float()
     assert all(int((s == lvl).sum()) == 2 for lvl in grid)
     assert int((s == 0.75).sum()) == 2 and int(torch.isclose(s, torch.tensor(0.25)).sum()) == 2
     # top fraction 0.5, no shift: levels 1.0 .. 0.5 only (6 of them), each twice for T = 12
@@ -308,7 +302,7 @@ def test_noise_levels_cover_the_sampler_grid():
 def test_noise_levels_continuous_are_stratified():
     T, shift, f = 5, 3.0, 0.9
     s = noise_levels(T, 0, shift, f, torch.Generator().manual_seed(3))
-    tau = crd.unshift_sigma(s.double(), shift)
+    tau = nl.unshift_sigma(s.double(), shift)
     tau_lo = 0.1 / (3.0 - 2.0 * 0.1)  # unshift(1 − f)
     for j in range(T):  # draw j falls in stratum j of [τ_lo, 1], noisiest first
         hi, lo = 1 - (1 - tau_lo) * j / T, 1 - (1 - tau_lo) * (j + 1) / T
@@ -329,14 +323,14 @@ def test_anchor_noise_levels_lie_below_the_matching_range():
         for j, pair in enumerate(((0.6, 0.5), (0.4, 0.3), (0.2, 0.1))):
             assert any(math.isclose(float(s[j]), p, abs_tol=1e-6) for p in pair), s
     # the two ranges partition the sampler's grid
-    grid = set(crd.sampling_sigmas(10, 3.0)[:10].float().tolist())
+    grid = set(nl.sampling_sigmas(10, 3.0)[:10].float().tolist())
     top = set(noise_levels(40, 10, 3.0, 0.5, g).tolist())
     low = set(anchor_noise_levels(40, 10, 3.0, 0.5, g).tolist())
     assert top | low == grid and not top & low and max(low) < 0.5 <= min(top)
     # continuous: draw j in stratum j of (0, τ_lo], τ_lo = unshift(1 − f)
     T, shift, f = 4, 3.0, 0.6
     s = anchor_noise_levels(T, 0, shift, f, torch.Generator().manual_seed(1))
-    tau, tau_lo = crd.unshift_sigma(s.double(), shift), float(crd.unshift_sigma(0.4, shift))
+    tau, tau_lo = nl.unshift_sigma(s.double(), shift), float(nl.unshift_sigma(0.4, shift))
     for j in range(T):
         assert tau_lo * (1 - (j + 1) / T) - 1e-6 <= float(tau[j]) <= tau_lo * (1 - j / T) + 1e-6
     # nothing below the range: a full range, or 1 − f at or under the smallest level (0.1)

@@ -59,6 +59,9 @@ def exported_metric_names() -> set[str]:
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and \
                     re.fullmatch(r"diffrl_[a-z0-9_]+", node.value):
                 names |= {node.value, *(node.value + s for s in ("_bucket", "_sum", "_count"))}
+    from diffrl.learner.algorithms.base import registry
+
+    names |= {name for alg in registry().values() for name, _ in alg.gauges.values()}  # algorithms' own
     return names
 
 
@@ -172,7 +175,8 @@ def test_crd_schemas_reject_what_kuberay_would(crd_validators):
 def test_manifests_run_valid_diffrl_commands_and_recipes(monkeypatch):
     """The RayJob's entrypoint recipe loads as a TrainConfig whose metrics ports are the ports the pods
     declare; reward Deployments' commands parse and load through `diffrl reward serve`'s config."""
-    import reward_servers.cli
+    import diffrl.reward_servers.cli
+
     from diffrl.cli import build_parser
     from diffrl.config import load_config
     from diffrl.schema import TrainConfig
@@ -191,7 +195,7 @@ def test_manifests_run_valid_diffrl_commands_and_recipes(monkeypatch):
     assert env["DIFFRL_METRICS_HOST"] == "0.0.0.0"
 
     served = []
-    monkeypatch.setattr(reward_servers.cli, "serve", lambda name, cfg, *a, **k: served.append((name, cfg)) or 0)
+    monkeypatch.setattr(diffrl.reward_servers.cli, "serve", lambda name, cfg, *a, **k: served.append((name, cfg)) or 0)
     deployments = [d for d in docs.values() if d["kind"] == "Deployment"]
     for dep in deployments:
         (container,) = dep["spec"]["template"]["spec"]["containers"]
@@ -210,6 +214,8 @@ def test_manifests_run_valid_diffrl_commands_and_recipes(monkeypatch):
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pydantic v1-style fields inside ray.serve
 def test_rayservice_serve_config_matches_ray_serve_schema():
+    from diffrl.reward_servers.cli import serve_schema
+    from diffrl.reward_servers.serve import dict_to_overrides
     from ray.serve.config import AutoscalingConfig
     from ray.serve.schema import (
         DeploymentSchema,
@@ -218,8 +224,6 @@ def test_rayservice_serve_config_matches_ray_serve_schema():
     )
 
     from diffrl.config import load_config
-    from reward_servers.cli import serve_schema
-    from reward_servers.serve import dict_to_overrides
 
     (svc,) = [d for _, d in manifests() if d["kind"] == "RayService"]
     serve_cfg = yaml.safe_load(svc["spec"]["serveConfigV2"])

@@ -6,6 +6,7 @@ import itertools
 import cv2
 import numpy as np
 import pytest
+from diffrl.models import shapes_world
 
 from diffrl.evaluation import (
     FEATURE_DIM,
@@ -20,7 +21,6 @@ from diffrl.evaluation import (
     held_out_image_metrics,
     shapes_features,
 )
-from models import shapes_world
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_held_out_image_metrics_keys(pairs, renders):
 
 
 def test_evaluate_reports_the_image_metrics(tmp_path):
-    from models.adapter import FlowModel
+    from diffrl.models.adapter import FlowModel
 
     model = FlowModel.from_pretrained("assets/shapes-base", device="cpu")
     cfg = EvalConfig(max_prompts=3, seeds_per_prompt=2, num_steps=4, grid_prompts=3)

@@ -15,27 +15,26 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
+from diffrl.actors.config import SamplerConfig
+from diffrl.actors.prompts import PromptSource
+from diffrl.actors.sampler import Sampler
+from diffrl.learner.algorithms.grpo import GRPO, GRPOConfig
+from diffrl.learner.config import LearnerConfig
+from diffrl.learner.learner import Learner
+from diffrl.models.adapter import FlowModel
+from diffrl.models.config import SamplingConfig
+from diffrl.models.sde import EXTRA_LATENTS, EXTRA_LOG_PROBS, EXTRA_SIGMAS, sde_sigmas
+from diffrl.models.shapes_world import train_prompts
+from diffrl.proto import experience_pb2
+from diffrl.proto.bus import ExperienceConsumer, ExperienceProducer
+from diffrl.proto.codec import tensor_from_proto
+from diffrl.reward_servers.client import GroupScores
+from diffrl.reward_servers.scorers import get_scorer
 from prometheus_client import CollectorRegistry
 
-from actors.config import SamplerConfig
-from actors.prompts import PromptSource
-from actors.sampler import Sampler
 from diffrl.config import ConfigError, load_config
 from diffrl.embedded_redis import EmbeddedRedis
 from diffrl.schema import TrainConfig
-from learner import metrics as M
-from learner.algorithms.grpo import GRPOConfig
-from learner.config import LearnerConfig
-from learner.learner import Learner
-from models.adapter import FlowModel
-from models.config import SamplingConfig
-from models.sde import EXTRA_LATENTS, EXTRA_LOG_PROBS, EXTRA_SIGMAS, sde_sigmas
-from models.shapes_world import train_prompts
-from proto import experience_pb2
-from proto.bus import ExperienceConsumer, ExperienceProducer
-from proto.codec import tensor_from_proto
-from reward_servers.client import GroupScores
-from reward_servers.scorers import get_scorer
 
 REPO = Path(__file__).resolve().parents[1]
 K, G, STEPS, SHIFT, NOISE, CFG = 4, 2, 4, 3.0, 0.7, 2.0
@@ -93,7 +92,7 @@ def test_sde_sampler_records_match_the_learner_and_a_grpo_step_trains(tiny_model
                       registry=registry)
     assert learner.T == 3 and learner.p_samp is learner.p_old
     # same weights as the sampler: log p_θ recomputed at the recorded (x_j, x_{j+1}) is the record
-    log_ratio = learner.grpo_log_ratios(groups)  # [G, K, T]
+    log_ratio = learner.algorithm.log_ratios(learner.decode(groups), learner.step_context())  # [G, K, T]
     assert log_ratio.shape == (G, K, 3) and float(log_ratio.abs().max()) < 1e-5
 
     theta0 = learner.theta_state_dict()
@@ -106,10 +105,10 @@ def test_sde_sampler_records_match_the_learner_and_a_grpo_step_trains(tiny_model
     assert any(not torch.equal(theta0[k], theta[k]) for k in theta)
     samp = learner.snapshot_state_dict("p_samp")
     assert all(torch.equal(samp[k], theta[k]) for k in theta)  # the samplers get θ itself
-    assert registry.get_sample_value(M.GRPO_RATIO_MEAN) == pytest.approx(stats["ratio_mean"])
-    assert registry.get_sample_value(M.GRPO_CLIP_FRACTION) == 0.0
+    assert registry.get_sample_value(GRPO.gauges["ratio_mean"][0]) == pytest.approx(stats["ratio_mean"])
+    assert registry.get_sample_value(GRPO.gauges["clip_fraction"][0]) == 0.0
     # θ moved: the same records are now off-policy, which is what the ratio measures
-    assert float(learner.grpo_log_ratios(groups).abs().max()) > 1e-6
+    assert float(learner.algorithm.log_ratios(learner.decode(groups), learner.step_context()).abs().max()) > 1e-6
 
     # a group without records (an ODE sampler's) cannot be trained by GRPO
     bare = experience_pb2.Group()

@@ -21,21 +21,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
+from diffrl.learner import checkpoint as ckpt
+from diffrl.learner import metrics as M
+from diffrl.learner.algorithms.crd import CRD
+from diffrl.learner.config import LearnerConfig
+from diffrl.learner.learner import Learner
+from diffrl.models.adapter import FlowModel
+from diffrl.models.tiny_sd3 import TinySD3Arch, build_tiny_sd3
+from diffrl.proto import experience_pb2
+from diffrl.proto.bus import ExperienceProducer
+from diffrl.proto.codec import tensor_to_proto
+from diffrl.proto.weight_sync import LocalWeightChannel
 from prometheus_client import CollectorRegistry
 from safetensors.torch import load_file
 
 from diffrl.config import ConfigError, load_config
 from diffrl.embedded_redis import EmbeddedRedis, connect
-from learner import checkpoint as ckpt
-from learner import metrics as M
-from learner.config import LearnerConfig
-from learner.learner import Learner
-from models.adapter import FlowModel
-from models.tiny_sd3 import TinySD3Arch, build_tiny_sd3
-from proto import experience_pb2
-from proto.bus import ExperienceProducer
-from proto.codec import tensor_to_proto
-from proto.weight_sync import LocalWeightChannel
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (3, 16, 16)
@@ -143,8 +144,7 @@ def test_config_defaults_validate_and_load_with_dotted_errors():
     cfg = load_config(LearnerConfig, overrides=["lr=0.01", "reward_weights.ocr=2.0", "lora.enabled=true",
                                                 "crd.old_ema.max_decay=0.99", "grad_clip=0.5", "zero_stage=2"])
     assert cfg.lr == 0.01 and cfg.reward_weights == {"ocr": 2.0} and cfg.lora.enabled
-    assert cfg.crd.old_ema.max_decay == 0.99 and cfg.effective_grad_clip == 0.5
-    assert LearnerConfig().effective_grad_clip == 1.0  # crd.max_grad_norm
+    assert cfg.crd.old_ema.max_decay == 0.99 and cfg.grad_clip == 0.5 and cfg.algorithm_config is cfg.crd
     for override, field in [("lr=-1", "lr"), ("zero_stage=4", "zero_stage"), ("algorithm=ppo", "algorithm"),
                             ("dtype=float16", "dtype"), ("max_staleness=-1", "max_staleness")]:
         with pytest.raises(ConfigError) as err:
@@ -207,7 +207,7 @@ def test_steps_through_the_bus_publish_versions_and_metrics(model_dir, bus, tmp_
     assert sample_value(registry, M.REWARD_MEAN, {"reward": "bright"}) == pytest.approx(stats[-1]["reward_mean_by"]["bright"])
     assert sample_value(registry, M.LOSS) == pytest.approx(stats[-1]["loss"])
     assert sample_value(registry, M.KL) == pytest.approx(stats[-1]["kl"])
-    assert sample_value(registry, M.BETA) == 1.0
+    assert sample_value(registry, CRD.gauges["beta"][0]) == 1.0
     assert registry.get_sample_value(M.BACKLOG_GROUPS) == 0
 
 
@@ -359,7 +359,7 @@ def test_ack_after_checkpoint_resume_and_idempotent_redelivery(model_dir, bus, t
     assert folder is not None and folder.name == "step_000002"
     assert pending_ids(r, stream) == set()  # acknowledged once the checkpoint is complete
     names = {p.name for p in folder.iterdir()}
-    assert {"engine", "p_old.safetensors", "p_samp.safetensors", "state.json", "rank_00000.json",
+    assert {"engine_theta", "p_old.safetensors", "p_samp.safetensors", "state.json", "rank_00000.json",
             "rank_00000.safetensors"} <= names
     state = json.loads((folder / "state.json").read_text())
     assert state["step"] == 2 and state["p_samp_version"] == 2
@@ -444,7 +444,7 @@ def test_lora_trains_only_adapter_weights(model_dir, tmp_path):
     folder = learner.save_checkpoint()
     assert set(load_file(folder / "p_samp.safetensors")) == set(names)
     # the engine checkpoint leaves the frozen base out
-    engine_files = list((folder / "engine").iterdir())
+    engine_files = list((folder / "engine_theta").iterdir())
     assert sum(f.stat().st_size for f in engine_files) < 0.5 * sum(p.numel() * 4 for p in frozen0.values())
     # resume restores the adapters of θ, p_old and p_samp
     again = make_learner(model_dir, small_config(lora__enabled=True, checkpoint_every=1), run_dir=tmp_path / "run")
@@ -494,10 +494,10 @@ RANK_SCRIPT = textwrap.dedent(
     from prometheus_client import CollectorRegistry
     from safetensors.torch import save_file
     from diffrl.embedded_redis import connect
-    from learner.config import LearnerConfig
-    from learner.learner import Learner
-    from models.adapter import FlowModel
-    from proto.weight_sync import LocalWeightChannel
+    from diffrl.learner.config import LearnerConfig
+    from diffrl.learner.learner import Learner
+    from diffrl.models.adapter import FlowModel
+    from diffrl.proto.weight_sync import LocalWeightChannel
 
     model_dir, url, stream, run_dir, out_dir, steps, zero = sys.argv[1:8]
     cfg = LearnerConfig(world_size=2, groups_per_step=4, torch_threads=1, checkpoint_every=2, read_block_ms=50,

@@ -4,9 +4,8 @@ weights, locally written tokenizer, no downloads)."""
 import numpy as np
 import pytest
 import torch
-
-from models.adapter import FlowModel, PromptEmbeds
-from models.tiny_sd3 import DEFAULT_WORDS, TinySD3Arch, build_tiny_sd3, write_clip_tokenizer
+from diffrl.models.adapter import FlowModel, PromptEmbeds
+from diffrl.models.tiny_sd3 import DEFAULT_WORDS, TinySD3Arch, build_tiny_sd3, write_clip_tokenizer
 
 ARCH = TinySD3Arch(image_size=16, patch_size=4, num_layers=1, num_heads=2, head_dim=16, text_hidden=32,
                    text_layers=2, text_heads=2, text_projection=16)

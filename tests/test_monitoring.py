@@ -6,6 +6,7 @@ import json
 import os
 import time
 
+from diffrl.learner.metrics import LearnerMetrics
 from prometheus_client import CollectorRegistry, generate_latest
 
 from diffrl.cli import main
@@ -23,7 +24,6 @@ from diffrl.status import (
     collect_status,
     format_status,
 )
-from learner.metrics import LearnerMetrics
 
 ENDPOINTS = {
     "learner_metrics": "http://10.0.0.1:9101/metrics",

@@ -10,12 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from grpc_tools import protoc
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from proto import experience_pb2, tensor_pb2, weights_pb2
-from proto.codec import (
+from diffrl.proto import experience_pb2, tensor_pb2, weights_pb2
+from diffrl.proto.codec import (
     DTYPES,
     MAX_NDIM,
     array_from_proto,
@@ -32,6 +28,9 @@ from proto.codec import (
     weight_update_to_bytes,
     weight_update_to_proto,
 )
+from grpc_tools import protoc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import redis
 import torch
+from diffrl.proto import experience_pb2, tensor_pb2
+from diffrl.proto.bus import ExperienceConsumer, ExperienceProducer, stream_backlog
+from diffrl.proto.codec import group_to_bytes, tensor_from_proto, tensor_to_proto
 
 from diffrl.embedded_redis import EmbeddedRedis, connect, find_redis_server, redis_url_or_embedded
-from proto import experience_pb2, tensor_pb2
-from proto.bus import ExperienceConsumer, ExperienceProducer, stream_backlog
-from proto.codec import group_to_bytes, tensor_from_proto, tensor_to_proto
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -293,7 +293,7 @@ def test_malformed_entries_are_counted_acked_and_skipped(r, stream, caplog):
     r.xadd(stream, {b"group": group_to_bytes(mismatch), b"group_id": b"another-id"})
     r.xadd(stream, {b"group": experience_pb2.Group(prompt="no id").SerializeToString()})
     good_ids.append(producer.publish(good[2]))
-    with caplog.at_level(logging.WARNING, logger="proto.bus"):
+    with caplog.at_level(logging.WARNING, logger="diffrl.proto.bus"):
         got = consumer.read(max_groups=20)
     assert [e for e, _ in got] == good_ids
     assert [g for _, g in got] == good

@@ -28,13 +28,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from diffrl.proto.bus import ledger_snapshot
 from test_reward_servers import ServerProc
 
 from diffrl.config import load_config
 from diffrl.embedded_redis import EmbeddedRedis, connect
 from diffrl.job import train
 from diffrl.schema import TrainConfig
-from proto.bus import ledger_snapshot
 
 pytestmark = pytest.mark.slow
 

@@ -18,18 +18,18 @@ import cv2
 import numpy as np
 import onnx
 import pytest
+from diffrl.models.shapes_world import all_prompts, render_prompt
+from diffrl.reward_servers.batching import MicroBatcher, score_robustly
+from diffrl.reward_servers.bench import draw_faces, render_word
+from diffrl.reward_servers.images import ImageError, decode_image, encode_png, image_header
+from diffrl.reward_servers.scorers import get_scorer, make_options, scorer_names, shapes
+from diffrl.reward_servers.scorers.base import Scorer
+from diffrl.reward_servers.scorers.detector import count_score
+from diffrl.reward_servers.scorers.ocr import levenshtein, ocr_score, target_text
 from onnx import TensorProto, helper
 from PIL import Image
 
 from diffrl.config import ConfigError
-from models.shapes_world import all_prompts, render_prompt
-from reward_servers.batching import MicroBatcher, score_robustly
-from reward_servers.bench import draw_faces, render_word
-from reward_servers.images import ImageError, decode_image, encode_png, image_header
-from reward_servers.scorers import get_scorer, make_options, scorer_names, shapes
-from reward_servers.scorers.base import Scorer
-from reward_servers.scorers.detector import count_score
-from reward_servers.scorers.ocr import levenshtein, ocr_score, target_text
 
 HAS_TESSERACT = shutil.which("tesseract") is not None
 

@@ -1,4 +1,4 @@
-"""Reward servers over real HTTP: uvicorn server processes started with ``python -m reward_servers
+"""Reward servers over real HTTP: uvicorn server processes started with ``python -m diffrl.reward_servers
 serve`` on free 127.0.0.1 ports. The contract in both encodings, every kind of bad input (and the
 server keeps serving), concurrency, metrics, the client's failover with a replica killed mid-way,
 group failure instead of a 0, the sync client, and (slow) the same app under Ray Serve."""
@@ -20,12 +20,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from prometheus_client import REGISTRY
-
-from diffrl.local_stack import LocalRewardServer, free_port
-from models.shapes_world import all_prompts, render_prompt
-from proto import reward_pb2
-from reward_servers.client import (
+from diffrl.models.shapes_world import all_prompts, render_prompt
+from diffrl.proto import reward_pb2
+from diffrl.reward_servers.client import (
     Group,
     RewardClient,
     RewardClientConfig,
@@ -33,8 +30,11 @@ from reward_servers.client import (
     RewardError,
     SyncRewardClient,
 )
-from reward_servers.images import encode_png
-from reward_servers.scorers import get_scorer
+from diffrl.reward_servers.images import encode_png
+from diffrl.reward_servers.scorers import get_scorer
+from prometheus_client import REGISTRY
+
+from diffrl.local_stack import LocalRewardServer, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -280,7 +280,7 @@ def test_onnx_server_microbatches_and_reports_item_errors(servers):
 
 @pytest.mark.skipif(not HAS_TESSERACT, reason="tesseract is not installed (apt-get install tesseract-ocr)")
 def test_ocr_server_reads_rendered_words(servers):
-    from reward_servers.bench import render_word
+    from diffrl.reward_servers.bench import render_word
 
     words = ["hello", "zebra", "river", "policy"]
     images = [render_word(w, 128 if len(w) <= 5 else 256) for w in words]
@@ -401,15 +401,14 @@ def test_failed_reward_fails_the_group_never_zero(servers):
 
 def test_ray_serve_config_file_is_valid_and_builds():
     import yaml
+    from diffrl.reward_servers.serve import build_app, dict_to_overrides
     from ray.serve.schema import ServeDeploySchema
-
-    from reward_servers.serve import build_app, dict_to_overrides
 
     spec = yaml.safe_load((REPO / "deploy/serve/rewards.yaml").read_text())
     apps = ServeDeploySchema.model_validate(spec).applications
     assert {a.name for a in apps} >= {"shapes", "ocr", "compressibility", "detector"}
     for app in spec["applications"]:
-        assert app["import_path"] == "reward_servers.serve:build_app"
+        assert app["import_path"] == "diffrl.reward_servers.serve:build_app"
         assert app["deployments"][0]["autoscaling_config"]["max_replicas"] > 1
         build_app(app["args"])  # builds the bound application (no Ray needed)
     with pytest.raises(ValueError, match="unknown build_app args"):
@@ -419,9 +418,9 @@ def test_ray_serve_config_file_is_valid_and_builds():
 
 
 def test_cli_refuses_bad_config_with_the_field_name():
-    r = subprocess.run([PY, "-m", "reward_servers", "serve", "compressibility", "--port", "0", "scorer.direction=up"],
+    r = subprocess.run([PY, "-m", "diffrl.reward_servers", "serve", "compressibility", "--port", "0", "scorer.direction=up"],
                        cwd=REPO, check=False, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "scorer.direction" in r.stderr and "compress or incompress" in r.stderr
-    r = subprocess.run([PY, "-m", "reward_servers", "serve", "shapes", "limits.max_items=0"],
+    r = subprocess.run([PY, "-m", "diffrl.reward_servers", "serve", "shapes", "limits.max_items=0"],
                        cwd=REPO, check=False, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "limits.max_items" in r.stderr

@@ -22,15 +22,15 @@ import psutil
 import pytest
 import redis
 import torch
+from diffrl.proto import experience_pb2
+from diffrl.proto.bus import ExperienceConsumer, ExperienceProducer, ledger_snapshot
+from diffrl.proto.codec import tensor_to_proto
+from diffrl.reward_servers.config import RewardServerConfig
 from test_reward_servers import ServerProc
 
 from diffrl.config import ConfigError, describe, load_config
 from diffrl.embedded_redis import EmbeddedRedis, connect, redact_url
 from diffrl.schema import TrainConfig
-from proto import experience_pb2
-from proto.bus import ExperienceConsumer, ExperienceProducer, ledger_snapshot
-from proto.codec import tensor_to_proto
-from reward_servers.config import RewardServerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ["diffrl", "proto", "models", "actors", "learner", "reward_servers", "benchmarks"]
@@ -97,10 +97,9 @@ def test_no_module_unpickles_or_imports_pickle():
 
 def test_weights_load_from_safetensors_only(tmp_path):
     """A model folder whose weights are only a pickled .bin is refused, not unpickled."""
+    from diffrl.models.adapter import FlowModel
+    from diffrl.models.tiny_sd3 import TinySD3Arch, build_tiny_sd3
     from safetensors.torch import load_file
-
-    from models.adapter import FlowModel
-    from models.tiny_sd3 import TinySD3Arch, build_tiny_sd3
 
     pipe = build_tiny_sd3(TinySD3Arch(num_layers=1, num_heads=2, head_dim=16, text_hidden=32, text_projection=16),
                           tmp_path / "work")
@@ -116,7 +115,7 @@ def test_weights_load_from_safetensors_only(tmp_path):
 
 # ----------------------------------------------------------------------------- secrets
 def test_no_config_key_holds_a_secret_and_recipes_cannot_carry_one(tmp_path):
-    from reward_servers.cli import serve_schema
+    from diffrl.reward_servers.cli import serve_schema
 
     for schema in (TrainConfig, serve_schema("shapes")):
         keys = [row[0] for row in describe(schema)]
@@ -131,7 +130,7 @@ def test_no_config_key_holds_a_secret_and_recipes_cannot_carry_one(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(TrainConfig, recipe)
     assert err.value.field == "rewards.0.token" and "s3cret" not in str(err.value)
-    r = subprocess.run([sys.executable, "-m", "reward_servers", "serve", "shapes", "--port", "0", "token=abc"],
+    r = subprocess.run([sys.executable, "-m", "diffrl.reward_servers", "serve", "shapes", "--port", "0", "token=abc"],
                        cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 2 and "token" in r.stderr
     # passwords in URLs never reach logs or run-folder files in clear
@@ -149,7 +148,7 @@ def listening(pid: int) -> set[str]:
 
 
 def test_services_bind_loopback_by_default():
-    from diffrl.learner_actor import LearnerSpec
+    from diffrl.learner.ray_learner import LearnerSpec
 
     assert RewardServerConfig().host == "127.0.0.1"
     assert LearnerSpec().master_addr == "127.0.0.1"

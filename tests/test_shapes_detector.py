@@ -7,11 +7,10 @@ from collections import Counter
 import cv2
 import numpy as np
 import pytest
-
-from models import shapes_world as sw
-from models.shapes_world import SceneObject
-from reward_servers.scorers import shapes as S
-from reward_servers.scorers.shapes import DetectedObject, ShapesScore
+from diffrl.models import shapes_world as sw
+from diffrl.models.shapes_world import SceneObject
+from diffrl.reward_servers.scorers import shapes as S
+from diffrl.reward_servers.scorers.shapes import DetectedObject, ShapesScore
 
 
 def _renders(n: int, seed0: int = 0) -> tuple[list[str], list[list[SceneObject]], np.ndarray]:

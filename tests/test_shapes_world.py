@@ -8,9 +8,8 @@ from collections import Counter
 import cv2
 import numpy as np
 import pytest
-
-from models import shapes_world as sw
-from models.shapes_world import Clause, SceneObject
+from diffrl.models import shapes_world as sw
+from diffrl.models.shapes_world import Clause, SceneObject
 
 EVAL_DIGEST = "d0cb05a039e9517fd717b3679cf89fbfc4dfb7674221225602161e453ae91abd"
 """sha256 of the eval prompts joined by newlines."""

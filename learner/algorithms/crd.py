@@ -1,5 +1,5 @@
 """Centered Reward Distillation (CRD, arXiv 2603.14128): the learner's primary algorithm, as pure
-functions of tensors (no model code, no globals). Spec: ALGORITHMS.md, section "CRD".
+functions of tensors (no model code, no globals). The math: docs/algorithms.md, "CRD".
 
 Notation (rectified flow, SD3 family):
     x0        clean sample (latent),             ε ~ N(0, I) noise
@@ -26,119 +26,45 @@ the advantage is likewise invariant to adding a constant per prompt to the rewar
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from diffrl.learner.advantages import STD_MODES, advantages
+from diffrl.learner.algorithms.base import (
+    EMA,
+    Algorithm,
+    Frozen,
+    StepContext,
+    StepResult,
+    Trainable,
+    register,
+)
+from diffrl.learner.ema import EMASchedule
+from diffrl.learner.losses import (
+    adaptive_weight,
+    group_mean,
+    kl_anchor,
+    masked_mean,
+    pearson,
+    per_sample_mean,
+)
+from diffrl.learner.noise_levels import anchor_noise_levels, interpolate, noise_levels, velocity_target
+from diffrl.models.sde import _compute_dtype
 
-# One copy of the tensor helpers and of the Euler schedule, shared with the sampler (models/ cannot
-# import learner/).
-from models.sde import _bcast, _compute_dtype
-from models.sde import sde_sigmas as sampling_sigmas
+from diffrl.config import require
 
 Tensor = torch.Tensor
 
-STD_MODES = ("global", "group")
 LOSS_FORMS = ("mse", "logistic")
 
 
-def _require(condition: bool, name: str, expected: str, got: object = None) -> None:
-    """Raise ``ValueError("name: expected ..., got ...")`` unless ``condition`` holds.
-
-    (A plain ValueError on purpose: ``learner`` does not import ``diffrl``; the config loader turns
-    ValueErrors raised by ``validate()`` into ConfigErrors with the dotted path prefixed.)"""
-    if not condition:
-        raise ValueError(f"{name}: expected {expected}, got {got!r}")
-
-
-def _per_sample_mean(x: Tensor) -> Tensor:
-    """Mean over every dim but the first: ``[N, ...] -> [N]``."""
-    return x.reshape(x.shape[0], -1).mean(dim=1)  # [N]
-
-
-def _group_mean(x: Tensor, mask: Tensor | None) -> Tensor:
-    """Mean within each prompt group (row) over the valid entries: ``[G, K] -> [G, 1]``."""
-    if mask is None:
-        return x.mean(dim=1, keepdim=True)  # [G, 1]
-    m = mask.to(x.dtype)  # [G, K]
-    return (x * m).sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp_min(1.0)  # [G, 1]
-
-
-def _masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
-    """Mean over all valid entries of a ``[G, K]`` tensor -> scalar."""
-    if mask is None:
-        return x.mean()  # []
-    m = mask.to(x.dtype)  # [G, K]
-    return (x * m).sum() / m.sum().clamp_min(1.0)  # []
-
-
 # --------------------------------------------------------------------------------------------------
-# 1. Advantages
+# 1. Implicit reward, centering, matching loss
 # --------------------------------------------------------------------------------------------------
 
 
-def advantages(
-    rewards: Tensor,
-    mask: Tensor | None = None,
-    std_mode: str = "global",
-    clip: float = 5.0,
-    eps: float = 1e-8,
-) -> tuple[Tensor, Tensor]:
-    """Centered, scaled, clipped advantages a and their normalized form ã ∈ [0, 1].
-
-    a_i = (r_i − mean_{j∈g} r_j) / std,  clipped to ±``clip``;  ã_i = a_i/(2·clip) + 0.5
-    (= a_i/10 + 0.5 at the default clip 5, as in ALGORITHMS.md).
-
-    ``std`` is the population standard deviation (ddof 0) of the *within-group-centered* rewards:
-    over the whole batch (``std_mode="global"``, default) or over each group (``"group"``). Since
-    centered rewards have mean 0, std = sqrt(mean c²). Adding any constant to one prompt's rewards
-    leaves the centered rewards, hence ``std``, a and ã, unchanged. Where ``std <= eps`` (all rewards
-    equal: the whole batch in global mode, the group in group mode) a = 0 and ã = 0.5, never NaN.
-
-    Args:
-        rewards: ``[G, K]`` rewards, G prompt groups of K samples.
-        mask: optional ``[G, K]`` bool, False for samples without a valid reward; they are left out of
-            every mean and std and get a = 0, ã = 0.5.
-    Returns:
-        ``(a, a_tilde)``, both ``[G, K]`` in the rewards' dtype (computed in float64).
-    """
-    _require(rewards.ndim == 2, "rewards", "a [G, K] tensor", tuple(rewards.shape))
-    _require(std_mode in STD_MODES, "std_mode", f"one of {STD_MODES}", std_mode)
-    _require(clip > 0, "clip", "> 0", clip)
-    out_dtype = rewards.dtype if rewards.is_floating_point() else torch.get_default_dtype()
-    r = rewards.to(torch.float64)  # [G, K]
-    m = torch.ones_like(r) if mask is None else mask.to(torch.float64)  # [G, K]
-    c = (r - _group_mean(r, mask)) * m  # [G, K] within-group centered, 0 where masked
-    if std_mode == "global":
-        std = ((c**2).sum() / m.sum().clamp_min(1.0)).sqrt().reshape(1, 1)  # [1, 1]
-    else:
-        std = ((c**2).sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp_min(1.0)).sqrt()  # [G, 1]
-    a = torch.where(std > eps, c / std.clamp_min(eps), torch.zeros_like(c))  # [G, K]
-    a = a.clamp(-clip, clip)  # [G, K]
-    a_tilde = a / (2.0 * clip) + 0.5  # [G, K] in [0, 1]
-    return a.to(out_dtype), a_tilde.to(out_dtype)
-
-
-# --------------------------------------------------------------------------------------------------
-# 2. Implicit reward, centering, matching loss
-# --------------------------------------------------------------------------------------------------
-
-
-def adaptive_weight(v: Tensor, u: Tensor, enabled: bool = True, min_weight: float = 1e-5) -> Tensor:
-    """Per-sample adaptive weight w_i = mean|v_i − u_i| (detached, float64, clipped ≥ ``min_weight``);
-    all ones when disabled.
-
-    Args:
-        v: ``[N, ...]`` a velocity prediction.  u: ``[N, ...]`` the target velocity ε − x0.
-    Returns:
-        ``[N]`` float64, no grad.
-    """
-    if not enabled:
-        return torch.ones(v.shape[0], dtype=torch.float64, device=v.device)  # [N]
-    with torch.no_grad():
-        diff = v.detach().to(torch.float64) - u.detach().to(torch.float64)  # [N, ...]
-        return _per_sample_mean(diff.abs()).clamp_min(min_weight)  # [N]
 
 
 def implicit_reward(v_theta: Tensor, v_old: Tensor, u: Tensor, adaptive: bool = True) -> Tensor:
@@ -163,8 +89,8 @@ def _implicit_reward_and_weights(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(R̂ [N], w_θ [N], w_old [N]); see ``implicit_reward``."""
     dt = _compute_dtype(v_theta)
-    err_theta = _per_sample_mean((v_theta.to(dt) - u.to(dt)) ** 2)  # [N] ‖v_θ − u‖²
-    err_old = _per_sample_mean((v_old.detach().to(dt) - u.to(dt)) ** 2)  # [N] ‖v_old − u‖²
+    err_theta = per_sample_mean((v_theta.to(dt) - u.to(dt)) ** 2)  # [N] ‖v_θ − u‖²
+    err_old = per_sample_mean((v_old.detach().to(dt) - u.to(dt)) ** 2)  # [N] ‖v_old − u‖²
     w_theta = adaptive_weight(v_theta, u, adaptive)  # [N] float64
     w_old = adaptive_weight(v_old, u, adaptive)  # [N] float64
     r_hat = -(err_theta.to(torch.float64) / w_theta - err_old.to(torch.float64) / w_old)  # [N]
@@ -174,7 +100,7 @@ def _implicit_reward_and_weights(
 def center_in_group(x: Tensor, detach_mean: bool, mask: Tensor | None = None) -> Tensor:
     """x_i − mean_{j∈g} x_j for a ``[G, K]`` tensor; with ``detach_mean`` the group mean is a
     constant for autograd (sg(·), used for R̂). Masked entries come out as 0."""
-    mean = _group_mean(x, mask)  # [G, 1]
+    mean = group_mean(x, mask)  # [G, 1]
     if detach_mean:
         mean = mean.detach()
     out = x - mean  # [G, K]
@@ -207,9 +133,9 @@ def crd_matching_loss(
         r_hat: ``[G, K]`` implicit rewards (with grad).  a_tilde: ``[G, K]`` normalized advantages.
         mask: optional ``[G, K]`` bool of valid samples.
     """
-    _require(beta > 0, "beta", "> 0", beta)
-    _require(form in LOSS_FORMS, "form", f"one of {LOSS_FORMS}", form)
-    _require(r_hat.shape == a_tilde.shape, "a_tilde", f"shape {tuple(r_hat.shape)}", tuple(a_tilde.shape))
+    require(beta > 0, "beta", "> 0", beta)
+    require(form in LOSS_FORMS, "form", f"one of {LOSS_FORMS}", form)
+    require(r_hat.shape == a_tilde.shape, "a_tilde", f"shape {tuple(r_hat.shape)}", tuple(a_tilde.shape))
     r_c = center_in_group(r_hat, detach_mean=True, mask=mask)  # [G, K] R̂c
     a_c = center_in_group(a_tilde.detach().to(r_hat.dtype), detach_mean=False, mask=mask)  # [G, K] ãc
     logits = beta * r_c  # [G, K]
@@ -219,11 +145,11 @@ def crd_matching_loss(
         per_sample = F.binary_cross_entropy_with_logits(
             logits, torch.sigmoid(a_c), reduction="none"
         )  # [G, K]
-    return (grad_scale / beta) * _masked_mean(per_sample, mask)  # []
+    return (grad_scale / beta) * masked_mean(per_sample, mask)  # []
 
 
 # --------------------------------------------------------------------------------------------------
-# 3. KL anchor with reward-adaptive strength
+# 2. KL anchor with reward-adaptive strength
 # --------------------------------------------------------------------------------------------------
 
 
@@ -232,16 +158,6 @@ def cfg(v_uncond: Tensor, v_cond: Tensor, w: float) -> Tensor:
     return v_uncond + w * (v_cond - v_uncond)  # [N, ...]
 
 
-def kl_anchor(v_theta: Tensor, v_anchor_cfg: Tensor) -> Tensor:
-    """kl_i = mean over elements of (v_θ − v_φ^w)², the anchor detached.
-
-    Args:
-        v_theta: ``[N, ...]`` (with grad).  v_anchor_cfg: ``[N, ...]`` the frozen model's CFG velocity.
-    Returns:
-        ``[N]``.
-    """
-    dt = _compute_dtype(v_theta)
-    return _per_sample_mean((v_theta.to(dt) - v_anchor_cfg.detach().to(dt)) ** 2)  # [N]
 
 
 def reward_adaptive_kl_loss(
@@ -261,203 +177,23 @@ def reward_adaptive_kl_loss(
     Args:
         kl: ``[G, K]`` per-sample KL proxies (with grad).  a_tilde: ``[G, K]`` (uncentered) ã.
     """
-    _require(beta_kl >= 0, "beta_kl", ">= 0", beta_kl)
+    require(beta_kl >= 0, "beta_kl", ">= 0", beta_kl)
     if beta_kl == 0:
         return kl.new_zeros(())  # []
     if adaptive:
-        _require(0 <= beta_min <= beta_kl, "beta_min", f"in [0, beta_kl={beta_kl}]", beta_min)
+        require(0 <= beta_min <= beta_kl, "beta_min", f"in [0, beta_kl={beta_kl}]", beta_min)
         c0 = beta_min / beta_kl
         coef = c0 + a_tilde.detach().to(kl.dtype) * (1.0 - c0)  # [G, K]
     else:
         coef = torch.ones_like(kl)  # [G, K]
-    return beta_kl * _masked_mean(coef * kl, mask)  # []
+    return beta_kl * masked_mean(coef * kl, mask)  # []
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. Snapshot (p_old, p_samp) EMA schedules
+# 3. Configuration and the per-noise-level loss
 # --------------------------------------------------------------------------------------------------
 
 
-def ema_decay(step: int, s0: float, a: float, k: float, d_max: float) -> float:
-    """d(s) = min(a + max(0, s − s0)·k, d_max), s = optimizer steps taken so far."""
-    return min(a + max(0.0, float(step) - float(s0)) * k, d_max)
-
-
-def ema_update_(snapshot_params: Iterable[Tensor], theta_params: Iterable[Tensor], decay: float) -> None:
-    """In place, without autograd: snap ← d·snap + (1 − d)·θ for each pair of tensors.
-
-    d = 0 copies θ exactly; d = 1 leaves the snapshot untouched. θ is cast to each snapshot
-    tensor's device and dtype.
-    """
-    _require(0.0 <= decay <= 1.0, "decay", "in [0, 1]", decay)
-    snaps = list(snapshot_params)
-    thetas = list(theta_params)
-    _require(len(snaps) == len(thetas), "snapshot_params", f"{len(thetas)} tensors like theta", len(snaps))
-    with torch.no_grad():
-        for snap, theta in zip(snaps, thetas):
-            _require(
-                snap.shape == theta.shape, "snapshot_params", f"shape {tuple(theta.shape)}", tuple(snap.shape)
-            )
-            src = theta.detach().to(device=snap.device, dtype=snap.dtype)
-            if decay == 0.0:
-                snap.copy_(src)
-            elif decay < 1.0:
-                snap.mul_(decay).add_(src, alpha=1.0 - decay)
-
-
-# --------------------------------------------------------------------------------------------------
-# 5. Noise levels and the forward process
-# --------------------------------------------------------------------------------------------------
-
-
-def shift_sigma(sigma: Tensor | float, shift: float) -> Tensor:
-    """SD3 time shift σ' = shift·σ/(1 + (shift − 1)·σ) (monotone, fixes 0 and 1)."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float64)
-    return shift * sigma / (1.0 + (shift - 1.0) * sigma)
-
-
-def unshift_sigma(sigma: Tensor | float, shift: float) -> Tensor:
-    """Inverse of ``shift_sigma``: σ = σ'/(shift − (shift − 1)·σ')."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float64)
-    return sigma / (shift - (shift - 1.0) * sigma)
-
-
-def _strata(T: int, generator: torch.Generator | None) -> Tensor:
-    """(j + U_j)/T for j = 0..T−1, U_j ~ U[0, 1): one draw in each of T equal strata of [0, 1). ``[T]`` float64."""
-    u = torch.rand(T, generator=generator, dtype=torch.float64)  # [T] U_j
-    return (torch.arange(T, dtype=torch.float64) + u) / T  # [T] in [j/T, (j+1)/T)
-
-
-def _pick_stratified(run: Tensor, strata: Tensor) -> Tensor:
-    """Level ⌊M·s_j⌋ of a run of M levels for each stratum draw s_j (non-decreasing index). ``[T]``."""
-    idx = (strata * len(run)).floor().long().clamp(max=len(run) - 1)  # [T]
-    return run[idx]  # [T]
-
-
-def noise_levels(
-    T: int,
-    num_sampling_steps: int,
-    shift: float,
-    top_fraction: float,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """T training noise levels σ_1..σ_T (shared by the batch; fresh ε per sample and level).
-
-    What exactly is chosen:
-      * The range is the top ``top_fraction`` f of the noise-level axis: σ ∈ [1 − f, 1] (shifted σ,
-        the value used in x_σ), i.e. the near-clean tail σ < 1 − f is skipped (f = 0.99 skips the
-        last 1%).
-      * ``num_sampling_steps = S ≥ 1`` (default use): σ is restricted to the sampler's own levels
-        ``sampling_sigmas(S, shift)[:S]`` (1 − k/S, shifted), keeping those ≥ 1 − f: a contiguous
-        run of M levels from σ = 1. Stratified over those M levels: draw j takes level index
-        ⌊M·(j + U_j)/T⌋, U_j ~ U[0, 1), so each of the T strata covers an equal share of the run
-        and every level is used ⌊T/M⌋ or ⌈T/M⌉ times (exactly T/M when M divides T).
-      * ``num_sampling_steps = 0``: continuous version. With τ the sampler's unshifted time and
-        τ_lo = unshift(1 − f): τ_j = 1 − (1 − τ_lo)·(j + U_j)/T (one draw per equal stratum of
-        [τ_lo, 1]), σ_j = shift(τ_j); so σ_j ∈ [1 − f, 1] with the sampler's step density.
-    Returned noisiest first (descending). ``generator`` makes the U_j reproducible.
-
-    Returns:
-        ``[T]`` float32 on the CPU.
-    """
-    _require(T >= 1, "T", ">= 1", T)
-    _require(num_sampling_steps >= 0, "num_sampling_steps", ">= 0", num_sampling_steps)
-    _require(shift > 0, "shift", "> 0", shift)
-    _require(0.0 < top_fraction <= 1.0, "top_fraction", "in (0, 1]", top_fraction)
-    strata = _strata(T, generator)  # [T]
-    sigma_lo = 1.0 - top_fraction
-    if num_sampling_steps >= 1:
-        grid = sampling_sigmas(num_sampling_steps, shift)[:num_sampling_steps]  # [S] descending, > 0
-        sigmas = _pick_stratified(grid[grid >= sigma_lo - 1e-12], strata)  # [T] from the prefix; grid[0] = 1 kept
-    else:
-        tau_lo = float(unshift_sigma(sigma_lo, shift))
-        tau = 1.0 - (1.0 - tau_lo) * strata  # [T] in (τ_lo, 1]
-        sigmas = shift_sigma(tau, shift)  # [T]
-    return sigmas.to(torch.float32)  # [T]
-
-
-def anchor_noise_levels(
-    T_anchor: int,
-    num_sampling_steps: int,
-    shift: float,
-    top_fraction: float,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """T_a anchor-only noise levels: the complement of ``noise_levels``' range, σ < 1 − f.
-
-    At these levels only the KL anchor is applied (``crd_anchor_loss``), so the reward matching can be
-    confined to the noisy end (``top_fraction`` < 1) while the near-clean levels stay held to the
-    frozen model. Drawn the same stratified way as ``noise_levels``:
-      * ``num_sampling_steps = S ≥ 1``: the sampler's levels below 1 − f (a contiguous run of M ≥ 1
-        levels ending at the smallest, 1/S shifted); draw j takes level ⌊M·(j + U_j)/T_a⌋ of the run.
-      * ``num_sampling_steps = 0``: τ_j = τ_lo·(1 − (j + U_j)/T_a) ∈ (0, τ_lo], σ_j = shift(τ_j), with
-        τ_lo = unshift(1 − f).
-    Returned noisiest first (descending).
-
-    Returns:
-        ``[T_a]`` float32 on the CPU.
-    """
-    _require(T_anchor >= 1, "T_anchor", ">= 1", T_anchor)
-    _require(num_sampling_steps >= 0, "num_sampling_steps", ">= 0", num_sampling_steps)
-    _require(shift > 0, "shift", "> 0", shift)
-    _require(0.0 < top_fraction < 1.0, "top_fraction", "in (0, 1) with anchor-only levels (they lie below 1 − f)",
-             top_fraction)
-    strata = _strata(T_anchor, generator)  # [T_a]
-    sigma_lo = 1.0 - top_fraction
-    if num_sampling_steps >= 1:
-        grid = sampling_sigmas(num_sampling_steps, shift)[:num_sampling_steps]  # [S] descending, > 0
-        below = grid[grid < sigma_lo - 1e-12]  # [M] the contiguous tail of the grid
-        _require(len(below) >= 1, "top_fraction",
-                 f"< {1.0 - float(grid[-1]):.4g} with anchor-only levels (none of the sampler's levels lies "
-                 "below 1 − top_fraction)", top_fraction)
-        sigmas = _pick_stratified(below, strata)  # [T_a]
-    else:
-        tau_lo = float(unshift_sigma(sigma_lo, shift))
-        tau = tau_lo * (1.0 - strata)  # [T_a] in (0, τ_lo]
-        sigmas = shift_sigma(tau, shift)  # [T_a]
-    return sigmas.to(torch.float32)  # [T_a]
-
-
-def interpolate(x0: Tensor, eps: Tensor, sigma: Tensor | float) -> Tensor:
-    """Forward process x_σ = (1 − σ)·x0 + σ·ε; ``sigma`` a scalar or per-sample ``[N]``.
-    Shapes: x0, eps ``[N, ...]`` -> ``[N, ...]``."""
-    s = _bcast(sigma, x0)  # [N, 1, ...] or []
-    return (1.0 - s) * x0 + s * eps  # [N, ...]
-
-
-def velocity_target(x0: Tensor, eps: Tensor) -> Tensor:
-    """Flow-matching target u = ε − x0 (d x_σ / dσ). Shapes ``[N, ...]``."""
-    return eps - x0  # [N, ...]
-
-
-# --------------------------------------------------------------------------------------------------
-# 6. Configuration and the per-noise-level loss
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EMASchedule:
-    """Blend schedule of a parameter snapshot: d(s) = min(a + max(0, s − s0)·k, d_max), then
-    snap ← d·snap + (1 − d)·θ after every optimizer step s."""
-
-    start_step: int = 0
-    """s0: optimizer step at which the decay starts to rise above ``start_decay``."""
-    start_decay: float = 0.0
-    """a: decay before and at ``start_step`` (0 = exact copy of θ)."""
-    slope: float = 0.0
-    """k: increase of the decay per optimizer step after ``start_step``."""
-    max_decay: float = 0.999
-    """d_max: the decay never exceeds this (1 would freeze the snapshot)."""
-
-    def decay(self, step: int) -> float:
-        """d(step)."""
-        return ema_decay(step, self.start_step, self.start_decay, self.slope, self.max_decay)
-
-    def validate(self) -> None:
-        _require(self.start_step >= 0, "start_step", ">= 0", self.start_step)
-        _require(0.0 <= self.start_decay <= 1.0, "start_decay", "in [0, 1]", self.start_decay)
-        _require(self.slope >= 0.0, "slope", ">= 0", self.slope)
-        _require(0.0 <= self.max_decay <= 1.0, "max_decay", "in [0, 1]", self.max_decay)
 
 
 def _old_ema_default() -> EMASchedule:
@@ -470,7 +206,7 @@ def _sampler_ema_default() -> EMASchedule:
 
 @dataclass
 class CRDConfig:
-    """Hyperparameters of Centered Reward Distillation (defaults: ALGORITHMS.md, SD3.5-M reference)."""
+    """Hyperparameters of Centered Reward Distillation (defaults: the SD3.5-M reference, docs/algorithms.md)."""
 
     beta: float = 1.0
     """β (crd_beta): scale of the implicit reward in the matching loss (β·R̂c vs ãc)."""
@@ -523,33 +259,33 @@ class CRDConfig:
     """Gradient-norm clip applied by the learner before each optimizer step."""
 
     def validate(self) -> None:
-        _require(self.beta > 0, "beta", "> 0", self.beta)
-        _require(self.grad_scale > 0, "grad_scale", "> 0", self.grad_scale)
-        _require(self.loss_form in LOSS_FORMS, "loss_form", f"one of {LOSS_FORMS}", self.loss_form)
-        _require(self.std_mode in STD_MODES, "std_mode", f"one of {STD_MODES}", self.std_mode)
-        _require(self.adv_clip > 0, "adv_clip", "> 0", self.adv_clip)
-        _require(self.std_eps > 0, "std_eps", "> 0", self.std_eps)
-        _require(self.num_noise_levels >= 1, "num_noise_levels", ">= 1", self.num_noise_levels)
-        _require(self.num_sampling_steps >= 0, "num_sampling_steps", ">= 0", self.num_sampling_steps)
-        _require(self.time_shift > 0, "time_shift", "> 0", self.time_shift)
-        _require(0.0 < self.top_fraction <= 1.0, "top_fraction", "in (0, 1]", self.top_fraction)
-        _require(self.beta_kl >= 0, "beta_kl", ">= 0", self.beta_kl)
-        _require(
+        require(self.beta > 0, "beta", "> 0", self.beta)
+        require(self.grad_scale > 0, "grad_scale", "> 0", self.grad_scale)
+        require(self.loss_form in LOSS_FORMS, "loss_form", f"one of {LOSS_FORMS}", self.loss_form)
+        require(self.std_mode in STD_MODES, "std_mode", f"one of {STD_MODES}", self.std_mode)
+        require(self.adv_clip > 0, "adv_clip", "> 0", self.adv_clip)
+        require(self.std_eps > 0, "std_eps", "> 0", self.std_eps)
+        require(self.num_noise_levels >= 1, "num_noise_levels", ">= 1", self.num_noise_levels)
+        require(self.num_sampling_steps >= 0, "num_sampling_steps", ">= 0", self.num_sampling_steps)
+        require(self.time_shift > 0, "time_shift", "> 0", self.time_shift)
+        require(0.0 < self.top_fraction <= 1.0, "top_fraction", "in (0, 1]", self.top_fraction)
+        require(self.beta_kl >= 0, "beta_kl", ">= 0", self.beta_kl)
+        require(
             0.0 <= self.beta_min <= self.beta_kl or not (self.use_kl_anchor and self.reward_adaptive_kl),
             "beta_min",
             f"in [0, beta_kl={self.beta_kl}]",
             self.beta_min,
         )
-        _require(
+        require(
             math.isfinite(self.kl_cfg_scale) and self.kl_cfg_scale >= 0,
             "kl_cfg_scale",
             ">= 0",
             self.kl_cfg_scale,
         )
-        _require(self.max_grad_norm > 0, "max_grad_norm", "> 0", self.max_grad_norm)
-        _require(self.num_anchor_levels >= 0, "num_anchor_levels", ">= 0", self.num_anchor_levels)
+        require(self.max_grad_norm > 0, "max_grad_norm", "> 0", self.max_grad_norm)
+        require(self.num_anchor_levels >= 0, "num_anchor_levels", ">= 0", self.num_anchor_levels)
         if self.num_anchor_levels:
-            _require(self.use_kl_anchor and self.beta_kl > 0, "num_anchor_levels",
+            require(self.use_kl_anchor and self.beta_kl > 0, "num_anchor_levels",
                      "0 without the KL anchor (use_kl_anchor and beta_kl > 0)", self.num_anchor_levels)
             # raises on a top_fraction that leaves no level below it (own generator: the global RNG is untouched)
             self.anchor_noise_levels(torch.Generator())
@@ -578,11 +314,6 @@ class CRDConfig:
         return self.num_noise_levels + self.num_anchor_levels
 
 
-def _pearson(x: Tensor, y: Tensor) -> Tensor:
-    """Correlation of two flat tensors, 0 when either is constant."""
-    xc, yc = x - x.mean(), y - y.mean()  # [M]
-    den = (xc.pow(2).sum() * yc.pow(2).sum()).sqrt()  # []
-    return torch.where(den > 0, (xc * yc).sum() / den.clamp_min(1e-300), torch.zeros_like(den))  # []
 
 
 def crd_step_loss(
@@ -613,7 +344,7 @@ def crd_step_loss(
         w_theta_mean, w_old_mean.
     """
     G, K = a_tilde.shape
-    _require(v_theta.shape[0] == G * K, "v_theta", f"first dim G*K={G * K}", tuple(v_theta.shape))
+    require(v_theta.shape[0] == G * K, "v_theta", f"first dim G*K={G * K}", tuple(v_theta.shape))
     r_hat, w_theta, w_old = _implicit_reward_and_weights(
         v_theta, v_old, u, config.adaptive_weighting
     )  # [N] x3
@@ -621,7 +352,7 @@ def crd_step_loss(
     l_crd = crd_matching_loss(r_hat, a_tilde, config.beta, config.grad_scale, config.loss_form, mask)  # []
     use_kl = config.use_kl_anchor and config.beta_kl > 0
     if use_kl:
-        _require(v_anchor is not None, "v_anchor", "a tensor when the KL anchor is on", None)
+        require(v_anchor is not None, "v_anchor", "a tensor when the KL anchor is on", None)
         kl = kl_anchor(v_theta, v_anchor).view(G, K)  # [G, K]
         l_kl = reward_adaptive_kl_loss(
             kl, a_tilde, config.beta_kl, config.beta_min, config.reward_adaptive_kl, mask
@@ -643,11 +374,11 @@ def crd_step_loss(
             "loss": loss.detach(),
             "matching_loss": l_crd.detach(),
             "kl_loss": l_kl.detach(),
-            "kl_mean": _masked_mean(kl.detach(), mask) if kl is not None else l_crd.new_zeros(()),
+            "kl_mean": masked_mean(kl.detach(), mask) if kl is not None else l_crd.new_zeros(()),
             "r_hat_mean": r_valid.mean(),
             "r_hat_std": r_valid.std(unbiased=False),
             "r_hat_centered_std": r_c.pow(2).mean().sqrt(),
-            "reward_corr": _pearson(r_c, a_c),
+            "reward_corr": pearson(r_c, a_c),
             "w_theta_mean": w_theta.mean(),
             "w_old_mean": w_old.mean(),
         }
@@ -672,8 +403,100 @@ def crd_anchor_loss(
         the objective it optimizes), anchor_kl_loss, anchor_kl_mean.
     """
     G, K = a_tilde.shape
-    _require(v_theta.shape[0] == G * K, "v_theta", f"first dim G*K={G * K}", tuple(v_theta.shape))
+    require(v_theta.shape[0] == G * K, "v_theta", f"first dim G*K={G * K}", tuple(v_theta.shape))
     kl = kl_anchor(v_theta, v_anchor).view(G, K)  # [G, K]
     loss = reward_adaptive_kl_loss(kl, a_tilde, config.beta_kl, config.beta_min, config.reward_adaptive_kl, mask)  # []
-    stats = {"loss": loss.detach(), "anchor_kl_loss": loss.detach(), "anchor_kl_mean": _masked_mean(kl.detach(), mask)}
+    stats = {"loss": loss.detach(), "anchor_kl_loss": loss.detach(), "anchor_kl_mean": masked_mean(kl.detach(), mask)}
     return loss, stats
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. The algorithm: roles and one learner step
+# --------------------------------------------------------------------------------------------------
+
+
+@register
+class CRD(Algorithm):
+    """Centered Reward Distillation on the learner's seam.
+
+    Roles: θ (trainable), p_old (EMA of θ on ``old_ema``, the reference inside R̂), p_samp (EMA of θ on
+    ``sampler_ema``, published to the samplers; without ``decoupled_sampler`` p_old is published
+    instead) and the frozen base model (the CFG-guided KL anchor).
+
+    One step: advantages over every rank's groups (the global std is the batch's), the T matching
+    levels and then T_a anchor-only levels drawn from the step's generator, a fresh ε per sample and
+    level (or per group, ``group_shared_noise``) shared by θ, p_old and the anchor (common random
+    numbers), one backward per level and micro-chunk of ``crd_step_loss`` (``crd_anchor_loss`` at the
+    anchor-only levels), one optimizer step on the mean over levels of the batch loss.
+    """
+
+    name = "crd"
+    config_class = CRDConfig
+    record = "final"
+    gauges: ClassVar[dict[str, tuple[str, str]]] = {
+        "matching_loss": ("diffrl_learner_crd_matching_loss", "CRD centered reward-matching loss."),
+        "beta": ("diffrl_learner_beta", "CRD beta."),
+        "implicit_reward_mean": ("diffrl_learner_implicit_reward_mean", "Mean implicit reward."),
+        "implicit_reward_std": ("diffrl_learner_implicit_reward_std", "Implicit reward standard deviation."),
+        "implicit_reward_corr": ("diffrl_learner_implicit_reward_corr",
+                                 "Correlation of centered implicit reward and centered advantage."),
+    }
+    stat_aliases: ClassVar[dict[str, str]] = {"implicit_reward_mean": "r_hat_mean", "implicit_reward_std": "r_hat_std",
+                    "implicit_reward_corr": "reward_corr"}
+
+    def __init__(self, config: CRDConfig, learner_config):
+        super().__init__(config, learner_config)
+        self.sampler_role = "p_samp" if config.decoupled_sampler else "p_old"
+        self.default_grad_clip = float(config.max_grad_norm)
+
+    def roles(self):
+        c = self.config
+        roles = [Trainable("theta", backward_passes=c.levels_per_step), EMA("p_old", "theta", c.old_ema.decay)]
+        if c.decoupled_sampler:
+            roles.append(EMA("p_samp", "theta", c.sampler_ema.decay))
+        return [*roles, Frozen("anchor")]
+
+    def step(self, batch, ctx: StepContext) -> StepResult:
+        c, model, dev = self.config, ctx.model, ctx.device
+        a, a_tilde = ctx.batch_wide(
+            lambda r, m: advantages(r, m, c.std_mode, c.adv_clip, c.std_eps), batch.rewards, batch.mask)  # [G, K] x2
+        a, a_tilde = a.to(torch.float32), a_tilde.to(torch.float32)
+        sigmas = c.noise_levels(ctx.generator)  # [T] matching levels
+        if c.num_anchor_levels:  # then T_a anchor-only levels below them
+            sigmas = torch.cat([sigmas, c.anchor_noise_levels(ctx.generator)])  # [T + T_a]
+        cond_groups = model.encode_prompts(batch.prompts)  # [G] embeds
+        x0, mask = batch.x0, batch.mask  # [G, K, C, H, W], [G, K]
+        G, K = mask.shape
+        use_kl = c.use_kl_anchor and c.beta_kl > 0
+        for t in range(c.levels_per_step):
+            anchor_only = t >= c.num_noise_levels
+            sigma = float(sigmas[t])
+            if c.group_shared_noise:  # one ε per (group, t): common to the contrast
+                eps_all = torch.randn(G, 1, *x0.shape[2:], generator=ctx.generator).expand(G, K, *x0.shape[2:])
+            else:
+                eps_all = torch.randn(G, K, *x0.shape[2:], generator=ctx.generator)  # [G, K, C, H, W]
+            for idx in ctx.chunks:
+                m_c = mask[idx]  # [g, K]
+                n = m_c.numel()
+                x0_c = x0[idx].flatten(0, 1).to(dev)  # [n, C, H, W]
+                eps_c = eps_all[idx].flatten(0, 1).to(dev)  # [n, C, H, W]
+                sig = torch.full((n,), sigma, device=dev)  # [n]
+                x_t = interpolate(x0_c, eps_c, sig)  # [n, C, H, W]
+                u = velocity_target(x0_c, eps_c)  # [n, C, H, W]
+                cond = cond_groups[idx.tolist()].repeat_interleave(K)
+                with torch.no_grad(), ctx.autocast():
+                    v_old = None if anchor_only else model.velocity(
+                        x_t, sig, cond, transformer=ctx.net("p_old")).float()  # [n, C, H, W]
+                    v_anchor = None if not use_kl else model.guided_velocity(
+                        x_t, sig, cond, c.kl_cfg_scale, transformer=ctx.net("anchor"),
+                        uncond=model.empty_embeds(n)).float()  # [n, C, H, W]
+                v_theta = model.velocity(x_t, sig, cond, transformer=ctx.net("theta"))  # [n, C, H, W] grad
+                m_dev = m_c.to(dev) if batch.padded else None
+                if anchor_only:
+                    loss, st = crd_anchor_loss(v_theta, v_anchor, a_tilde[idx].to(dev), c, m_dev)
+                else:
+                    loss, st = crd_step_loss(v_theta, v_old, u, a_tilde[idx].to(dev), c, v_anchor, m_dev)
+                share = float(m_c.sum()) / batch.n_valid  # this chunk's share of the rank's mean
+                ctx.backward("theta", loss, share)
+                ctx.log(st, share)
+        return StepResult(advantages=a, adv_clip=c.adv_clip, stats={"beta": float(c.beta)})

@@ -1,5 +1,5 @@
-"""Flow-GRPO-style baseline (arXiv 2505.05470) as pure tensor functions. Spec: ALGORITHMS.md,
-"Baselines". Notation as in ``crd.py``: σ ∈ [0, 1] the noise level (the paper's t), x_σ =
+"""Flow-GRPO-style baseline (arXiv 2505.05470) as pure tensor functions. The math: docs/algorithms.md,
+"Flow-GRPO". Notation as in ``crd.py``: σ ∈ [0, 1] the noise level (the paper's t), x_σ =
 (1 − σ)·x0 + σ·ε, v(x, σ) ≈ E[ε − x0 | x_σ = x]. Per-sample tensors ``[N, ...]``, per-sample
 scalars ``[N]`` (or ``[G, K]`` for rewards).
 
@@ -26,20 +26,33 @@ with A the group-normalized advantage (r − mean_g r)/(std_g r + eps).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
-
-from learner.algorithms.crd import _per_sample_mean, _require
+from diffrl.learner.algorithms.base import (
+    EMA,
+    Algorithm,
+    Frozen,
+    StepContext,
+    StepResult,
+    Trainable,
+    register,
+)
+from diffrl.learner.losses import per_sample_mean
 
 # The SDE step itself lives in models/sde.py: the sampler draws and records it with the same code
 # (models do not import the learner), so recorded and recomputed log-probs agree exactly.
-from models.sde import (
+from diffrl.models.sde import (
+    EXTRA_GUIDANCE_SCALE,
+    EXTRA_NOISE_LEVEL,
     LOG_PROB_REDUCTIONS,
     gaussian_log_prob,
     sde_sigmas,
     sde_std,
     sde_step_mean_std,
 )
+
+from diffrl.config import require
 
 Tensor = torch.Tensor
 
@@ -66,7 +79,7 @@ def group_advantages(rewards: Tensor, eps: float = 1e-4, mask: Tensor | None = N
     """A_i = (r_i − mean_g r)/(std_g r + eps), population std within each prompt group (Flow-GRPO's
     per-prompt stat tracking). A zero-variance group gives A = 0. ``[G, K] -> [G, K]``; masked
     entries are left out of the statistics and get 0."""
-    _require(rewards.ndim == 2, "rewards", "a [G, K] tensor", tuple(rewards.shape))
+    require(rewards.ndim == 2, "rewards", "a [G, K] tensor", tuple(rewards.shape))
     r = rewards.to(torch.float64)  # [G, K]
     m = torch.ones_like(r) if mask is None else mask.to(torch.float64)  # [G, K]
     n = m.sum(dim=1, keepdim=True).clamp_min(1.0)  # [G, 1]
@@ -94,7 +107,7 @@ def ppo_clip_loss(
         ``(loss, stats)``: stats are detached clipfrac (fraction with |ρ − 1| > ε) and approx_kl
         (½·mean (log ρ)²).
     """
-    _require(clip_range > 0, "clip_range", "> 0", clip_range)
+    require(clip_range > 0, "clip_range", "> 0", clip_range)
     adv = adv.detach().to(log_prob.dtype)  # [N]
     if adv_clip is not None:
         adv = adv.clamp(-adv_clip, adv_clip)  # [N]
@@ -116,7 +129,7 @@ def gaussian_kl_same_std(mean_theta: Tensor, mean_ref: Tensor, std: Tensor | flo
     per-dimension scale as ``gaussian_log_prob(reduce="mean")``): mean (μ_θ − μ_ref)²/(2s²).
     ``[N, ...]`` -> ``[N]``; μ_ref is detached."""
     std = torch.as_tensor(std, dtype=mean_theta.dtype, device=mean_theta.device)
-    return _per_sample_mean(
+    return per_sample_mean(
         (mean_theta - mean_ref.detach().to(mean_theta.dtype)) ** 2 / (2.0 * std**2)
     )  # [N]
 
@@ -155,17 +168,17 @@ class GRPOConfig:
     """Reduction of the per-element log-density: 'mean' (Flow-GRPO) or 'sum' (joint)."""
 
     def validate(self) -> None:
-        _require(self.noise_level > 0, "noise_level", "> 0", self.noise_level)
-        _require(self.num_sampling_steps >= 1, "num_sampling_steps", ">= 1", self.num_sampling_steps)
-        _require(self.time_shift > 0, "time_shift", "> 0", self.time_shift)
-        _require(self.guidance_scale >= 0, "guidance_scale", ">= 0", self.guidance_scale)
-        _require(0.0 < self.train_fraction <= 1.0, "train_fraction", "in (0, 1]", self.train_fraction)
-        _require(self.clip_range > 0, "clip_range", "> 0", self.clip_range)
-        _require(self.adv_clip > 0, "adv_clip", "> 0", self.adv_clip)
-        _require(self.adv_eps >= 0, "adv_eps", ">= 0", self.adv_eps)
-        _require(self.kl_beta >= 0, "kl_beta", ">= 0", self.kl_beta)
-        _require(self.kl_std in KL_STD_MODES, "kl_std", f"one of {KL_STD_MODES}", self.kl_std)
-        _require(
+        require(self.noise_level > 0, "noise_level", "> 0", self.noise_level)
+        require(self.num_sampling_steps >= 1, "num_sampling_steps", ">= 1", self.num_sampling_steps)
+        require(self.time_shift > 0, "time_shift", "> 0", self.time_shift)
+        require(self.guidance_scale >= 0, "guidance_scale", ">= 0", self.guidance_scale)
+        require(0.0 < self.train_fraction <= 1.0, "train_fraction", "in (0, 1]", self.train_fraction)
+        require(self.clip_range > 0, "clip_range", "> 0", self.clip_range)
+        require(self.adv_clip > 0, "adv_clip", "> 0", self.adv_clip)
+        require(self.adv_eps >= 0, "adv_eps", ">= 0", self.adv_eps)
+        require(self.kl_beta >= 0, "kl_beta", ">= 0", self.kl_beta)
+        require(self.kl_std in KL_STD_MODES, "kl_std", f"one of {KL_STD_MODES}", self.kl_std)
+        require(
             self.log_prob_reduce in LOG_PROB_REDUCTIONS,
             "log_prob_reduce",
             f"one of {LOG_PROB_REDUCTIONS}",
@@ -220,7 +233,7 @@ def grpo_step_loss(
     policy_loss, stats = ppo_clip_loss(log_prob, old_log_prob, adv, config.clip_range, config.adv_clip)
     loss = policy_loss  # []
     if config.kl_beta > 0:
-        _require(
+        require(
             mean_theta is not None and mean_ref is not None and kl_std is not None,
             "mean_ref",
             "mean_theta, mean_ref and kl_std when kl_beta > 0",
@@ -232,3 +245,138 @@ def grpo_step_loss(
     stats["policy_loss"] = policy_loss.detach()
     stats["loss"] = loss.detach()
     return loss, stats
+
+
+@register
+class GRPO(Algorithm):
+    """The Flow-GRPO-style baseline on the learner's seam: θ (trainable), p_old = an exact copy of θ
+    after every step (EMA decay 0: the samplers follow the policy being trained, and the recorded
+    log-probs make stale samples correct) and the frozen base model (the KL reference). It trains on
+    trajectory records: per denoising step j of the first ``num_train_steps()``, log p_θ(x_{j+1} | x_j)
+    recomputed with θ's (CFG) velocity at the recorded x_j, the PPO-clipped ratio against the recorded
+    log-prob, plus β·KL of θ's step to the base model's; one backward per step and micro-chunk."""
+
+    name = "grpo"
+    config_class = GRPOConfig
+    record = "trajectory"
+    sampler_role = "p_old"
+    gauges: ClassVar[dict[str, tuple[str, str]]] = {
+        "clip_fraction": ("diffrl_learner_grpo_clip_fraction", "GRPO: fraction of ratios outside 1 +- clip_range."),
+        "ratio_mean": ("diffrl_learner_grpo_ratio_mean", "GRPO: mean ratio p_theta/p_sampler."),
+        "approx_kl": ("diffrl_learner_grpo_approx_kl", "GRPO: half the mean squared log-ratio."),
+        "policy_loss": ("diffrl_learner_grpo_policy_loss", "GRPO: PPO-clipped surrogate loss."),
+    }
+
+    def __init__(self, config: GRPOConfig, learner_config):
+        super().__init__(config, learner_config)
+        self.sigmas = config.sigmas()  # [S + 1] float64
+        self.T = config.num_train_steps()
+
+    def roles(self):
+        return [Trainable("theta", backward_passes=self.T), EMA("p_old", "theta", lambda s: 0.0), Frozen("anchor")]
+
+    @classmethod
+    def check_recipe(cls, config: GRPOConfig, sampler) -> None:
+        """The samplers record log-probs with the SDE and schedule that ``learner.grpo`` recomputes."""
+        super().check_recipe(config, sampler)
+        s = sampler.sampling
+        for field_name, have, want, learner_field in (
+            ("sde_noise_level", s.sde_noise_level, config.noise_level, "noise_level"),
+            ("num_steps", s.num_steps, config.num_sampling_steps, "num_sampling_steps"),
+            ("shift", s.shift, config.time_shift, "time_shift"),
+            ("guidance_scale", s.guidance_scale, config.guidance_scale, "guidance_scale"),
+        ):
+            require(have == want, f"sampler.sampling.{field_name}",
+                    f"learner.grpo.{learner_field}={want!r} (the policy GRPO recomputes the log-probs of)", have)
+
+    def sample_problem(self, sample, model) -> str | None:
+        """The record was sampled with this config's schedule, noise level and CFG scale."""
+        from diffrl.learner.batch import extra_tensor
+
+        c = self.config
+        sigmas = extra_tensor(sample, "sigmas").to(torch.float64)
+        if len(sigmas) != c.num_sampling_steps + 1:
+            return (f"{len(sigmas) - 1} recorded steps, expected {c.num_sampling_steps} "
+                    f"(learner.grpo.num_sampling_steps={c.num_sampling_steps})")
+        if not torch.allclose(sigmas, self.sigmas, rtol=0.0, atol=1e-6):
+            return "recorded noise levels differ from learner.grpo's schedule (num_sampling_steps, time_shift)"
+        for key, mine, name in ((EXTRA_NOISE_LEVEL, c.noise_level, "noise_level"),
+                                (EXTRA_GUIDANCE_SCALE, c.guidance_scale, "guidance_scale")):
+            theirs = float(extra_tensor(sample, key))
+            if not abs(theirs - mine) <= 1e-6:
+                return f"sampled with {name}={theirs}, learner.grpo.{name}={mine}"
+        return None
+
+    def step(self, batch, ctx: StepContext) -> StepResult:
+        c = self.config
+        # per prompt group: (r − mean_g r)/(std_g r + eps), no cross-rank statistics
+        a = group_advantages(batch.rewards, c.adv_eps, batch.mask if batch.padded else None)  # [G, K]
+        a = a.to(torch.float32)
+        cond_groups = ctx.model.encode_prompts(batch.prompts)  # [G] embeds
+        for j in range(self.T):
+            for idx in ctx.chunks:
+                m_c = batch.mask[idx]  # [g, K]
+                loss, st = self._chunk_loss(batch, ctx, j, idx, a, cond_groups)
+                share = float(m_c.sum()) / batch.n_valid
+                ctx.backward("theta", loss, share)
+                ctx.log(st, share)
+        return StepResult(advantages=a, adv_clip=c.adv_clip)
+
+    def _step_terms(self, batch, ctx: StepContext, j: int, idx: Tensor, cond_groups, with_ref: bool):
+        """Denoising step j of the recorded trajectories of groups ``idx`` (valid samples only, n of
+        them): ``(log p_θ(x_{j+1} | x_j) [n] with grad, recorded log p [n], μ_θ [n, ...], μ_ref [n, ...]
+        or None, step std, σ_j, σ_max, rows)``, log-probs reduced per ``grpo.log_prob_reduce``."""
+        c, model, dev = self.config, ctx.model, ctx.device
+        traj = batch.trajectory
+        K = batch.mask.shape[1]
+        m_c = batch.mask[idx]  # [g, K]
+        rows = m_c.reshape(-1).nonzero().squeeze(1) if batch.padded else torch.arange(m_c.numel())  # [n]
+        x_t = traj.latents[idx, :, j].flatten(0, 1)[rows].to(dev)  # [n, C, H, W] x_{σ_j}
+        x_next = traj.latents[idx, :, j + 1].flatten(0, 1)[rows].to(dev)  # [n, C, H, W] x_{σ_{j+1}}
+        old = traj.log_probs[idx, :, j].reshape(-1)[rows].to(dev)  # [n] per-dimension mean, as recorded
+        if c.log_prob_reduce == "sum":
+            old = old * x_t[0].numel()  # the joint log-density
+        n = x_t.shape[0]
+        sigma, sigma_next = float(self.sigmas[j]), float(self.sigmas[j + 1])
+        sigma_max = float(self.sigmas[1])
+        sig = torch.full((n,), sigma, device=dev)  # [n] as the sampler's velocity call
+        cond = cond_groups[idx.tolist()].repeat_interleave(K)[rows.tolist()]
+        uncond = model.empty_embeds(n) if c.guidance_scale != 1.0 else None
+        mean_ref = None
+        if with_ref:
+            with torch.no_grad(), ctx.autocast():
+                v_ref = model.guided_velocity(x_t, sig, cond, c.guidance_scale, transformer=ctx.net("anchor"),
+                                              uncond=uncond).float()  # [n, C, H, W]
+            mean_ref, _ = sde_step_mean_std(x_t, v_ref, sigma, sigma_next, c.noise_level, sigma_max)
+        v_theta = model.guided_velocity(x_t, sig, cond, c.guidance_scale, transformer=ctx.net("theta"),
+                                        uncond=uncond)  # [n, C, H, W] grad
+        lp, mean_theta, std = sde_step_log_prob(x_t, v_theta, x_next, sigma, sigma_next, c.noise_level, sigma_max,
+                                                reduce=c.log_prob_reduce)  # [n], [n, C, H, W], []
+        return lp, old, mean_theta, mean_ref, std, sigma, sigma_max, rows
+
+    def _chunk_loss(self, batch, ctx, j: int, idx: Tensor, a: Tensor, cond_groups):
+        """``grpo_step_loss`` of denoising step j for the groups ``idx`` and its stats (clip_fraction,
+        ratio_mean, approx_kl, policy_loss, kl, loss)."""
+        c = self.config
+        use_ref = c.kl_beta > 0
+        lp, old, mean_theta, mean_ref, std, sigma, sigma_max, rows = self._step_terms(
+            batch, ctx, j, idx, cond_groups, with_ref=use_ref)
+        adv = a[idx].reshape(-1)[rows].to(ctx.device)  # [n]
+        kl_std = kl_std_for(std, sigma, c, sigma_max) if use_ref else None
+        loss, st = grpo_step_loss(lp, old, adv, c, mean_theta, mean_ref, kl_std)
+        st["clip_fraction"] = st.pop("clipfrac")
+        st["ratio_mean"] = torch.exp(lp.detach() - old).mean()
+        return loss, st
+
+    @torch.no_grad()
+    def log_ratios(self, batch, ctx: StepContext) -> Tensor:
+        """log p_θ − log p_recorded of every trained denoising step, ``[G, K, T]`` (NaN where a group
+        has fewer than K samples): 0 on-policy, before θ moves away from the sampling weights."""
+        G, K = batch.mask.shape
+        cond_groups = ctx.model.encode_prompts(batch.prompts)
+        out = torch.full((G * K, self.T), float("nan"), dtype=torch.float64)
+        idx = torch.arange(G)
+        for j in range(self.T):
+            lp, old, *_, rows = self._step_terms(batch, ctx, j, idx, cond_groups, with_ref=False)
+            out[rows, j] = (lp - old).double().cpu()
+        return out.reshape(G, K, self.T)

@@ -1,5 +1,5 @@
-"""DiffusionNFT-style baseline (arXiv 2509.16117) as pure tensor functions. Spec: ALGORITHMS.md,
-"Baselines". Notation as in ``crd.py`` (x_σ = (1 − σ)x0 + σε, u = ε − x0, per-sample tensors
+"""DiffusionNFT-style baseline (arXiv 2509.16117) as pure tensor functions. The math: docs/algorithms.md,
+"DiffusionNFT". Notation as in ``crd.py`` (x_σ = (1 − σ)x0 + σε, u = ε − x0, per-sample tensors
 ``[N, ...]`` group-major, per-sample scalars ``[G, K]`` or ``[N]``).
 
 One EMA "old" model is both the sampler and the reference. With r ∈ [0, 1] the optimality weight
@@ -16,17 +16,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-
-from learner.algorithms.crd import (
-    STD_MODES,
-    EMASchedule,
-    _compute_dtype,
-    _per_sample_mean,
-    _require,
-    adaptive_weight,
-    advantages,
-    kl_anchor,
+from diffrl.learner.advantages import STD_MODES, advantages
+from diffrl.learner.algorithms.base import (
+    EMA,
+    Algorithm,
+    Frozen,
+    StepContext,
+    StepResult,
+    Trainable,
+    register,
 )
+from diffrl.learner.ema import EMASchedule
+from diffrl.learner.losses import adaptive_weight, kl_anchor, per_sample_mean
+from diffrl.learner.noise_levels import interpolate, noise_levels, velocity_target
+from diffrl.models.sde import _compute_dtype
+
+from diffrl.config import require
 
 Tensor = torch.Tensor
 
@@ -34,7 +39,7 @@ Tensor = torch.Tensor
 def nft_reward_weight(a: Tensor, clip: float = 5.0) -> Tensor:
     """r = clamp(clip(a, ±clip)/(2·clip) + 0.5, 0, 1): the normalized advantage mapped to [0, 1]
     (a = 0 -> 0.5, a ≥ clip -> 1, a ≤ −clip -> 0). Any shape -> same shape."""
-    _require(clip > 0, "clip", "> 0", clip)
+    require(clip > 0, "clip", "> 0", clip)
     return (a.clamp(-clip, clip) / (2.0 * clip) + 0.5).clamp(0.0, 1.0)
 
 
@@ -66,7 +71,7 @@ def nft_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """L = scale·mean_i[ r_i·‖v⁺_i − u_i‖²/w⁺_i + (1 − r_i)·‖v⁻_i − u_i‖²/w⁻_i ].
 
-    With ``adaptive=False`` (default) w = 1: exactly the ALGORITHMS.md formula. ``adaptive=True``
+    With ``adaptive=False`` (default) w = 1: exactly the formula of docs/algorithms.md. ``adaptive=True``
     divides each term by its detached mean|v^± − u| (as ``crd.adaptive_weight``), the reference
     implementation's per-sample normalization (which it applies in x0-space; in velocity space the
     two differ by a per-level factor σ). ``scale`` is a plain multiplier (the reference uses
@@ -78,14 +83,14 @@ def nft_loss(
     Returns:
         ``(loss, stats)`` with detached stats positive_loss, negative_loss (per-sample means), r_mean.
     """
-    _require(b > 0, "b", "> 0", b)
+    require(b > 0, "b", "> 0", b)
     r = r.reshape(-1).detach()  # [N]
-    _require(r.shape[0] == v_theta.shape[0], "r", f"{v_theta.shape[0]} weights", r.shape[0])
+    require(r.shape[0] == v_theta.shape[0], "r", f"{v_theta.shape[0]} weights", r.shape[0])
     dt = _compute_dtype(v_theta)
     v_plus, v_minus = nft_velocities(v_theta.to(dt), v_old.to(dt), b)  # [N, ...] each
     u = u.to(dt)  # [N, ...]
-    pos = _per_sample_mean((v_plus - u) ** 2)  # [N] ‖v⁺ − u‖²
-    neg = _per_sample_mean((v_minus - u) ** 2)  # [N] ‖v⁻ − u‖²
+    pos = per_sample_mean((v_plus - u) ** 2)  # [N] ‖v⁺ − u‖²
+    neg = per_sample_mean((v_minus - u) ** 2)  # [N] ‖v⁻ − u‖²
     if adaptive:
         pos = pos / adaptive_weight(v_plus, u).to(dt)  # [N]
         neg = neg / adaptive_weight(v_minus, u).to(dt)  # [N]
@@ -134,16 +139,16 @@ class NFTConfig:
     update."""
 
     def validate(self) -> None:
-        _require(self.b > 0, "b", "> 0", self.b)
-        _require(self.adv_clip > 0, "adv_clip", "> 0", self.adv_clip)
-        _require(self.std_mode in STD_MODES, "std_mode", f"one of {STD_MODES}", self.std_mode)
-        _require(self.std_eps > 0, "std_eps", "> 0", self.std_eps)
-        _require(self.loss_scale > 0, "loss_scale", "> 0", self.loss_scale)
-        _require(self.beta_kl >= 0, "beta_kl", ">= 0", self.beta_kl)
-        _require(self.num_noise_levels >= 1, "num_noise_levels", ">= 1", self.num_noise_levels)
-        _require(self.num_sampling_steps >= 0, "num_sampling_steps", ">= 0", self.num_sampling_steps)
-        _require(self.time_shift > 0, "time_shift", "> 0", self.time_shift)
-        _require(0.0 < self.top_fraction <= 1.0, "top_fraction", "in (0, 1]", self.top_fraction)
+        require(self.b > 0, "b", "> 0", self.b)
+        require(self.adv_clip > 0, "adv_clip", "> 0", self.adv_clip)
+        require(self.std_mode in STD_MODES, "std_mode", f"one of {STD_MODES}", self.std_mode)
+        require(self.std_eps > 0, "std_eps", "> 0", self.std_eps)
+        require(self.loss_scale > 0, "loss_scale", "> 0", self.loss_scale)
+        require(self.beta_kl >= 0, "beta_kl", ">= 0", self.beta_kl)
+        require(self.num_noise_levels >= 1, "num_noise_levels", ">= 1", self.num_noise_levels)
+        require(self.num_sampling_steps >= 0, "num_sampling_steps", ">= 0", self.num_sampling_steps)
+        require(self.time_shift > 0, "time_shift", "> 0", self.time_shift)
+        require(0.0 < self.top_fraction <= 1.0, "top_fraction", "in (0, 1]", self.top_fraction)
         try:
             self.old_ema.validate()
         except ValueError as err:
@@ -161,9 +166,64 @@ def nft_step_loss(
     """NFT loss (+ optional fixed KL to ``v_ref``) for one noise level; shapes as ``nft_loss``."""
     loss, stats = nft_loss(v_theta, v_old, u, r, config.b, config.adaptive_weighting, config.loss_scale)
     if config.beta_kl > 0:
-        _require(v_ref is not None, "v_ref", "a tensor when beta_kl > 0", None)
+        require(v_ref is not None, "v_ref", "a tensor when beta_kl > 0", None)
         kl = kl_anchor(v_theta, v_ref)  # [N]
         loss = loss + config.beta_kl * kl.mean()  # []
         stats["kl_mean"] = kl.detach().mean()
     stats["loss"] = loss.detach()
     return loss, stats
+
+
+@register
+class NFT(Algorithm):
+    """The DiffusionNFT-style baseline on the learner's seam: θ (trainable), one old EMA of θ that is
+    both the reference inside the loss and the published sampler, and the frozen base model (only
+    used with ``beta_kl > 0``). Per step: group advantages mapped to r ∈ [0, 1], T noise levels drawn
+    like CRD's, a fresh ε per sample and level, one backward per level and micro-chunk."""
+
+    name = "nft"
+    config_class = NFTConfig
+    record = "final"
+    sampler_role = "p_old"
+
+    def roles(self):
+        c = self.config
+        return [Trainable("theta", backward_passes=c.num_noise_levels), EMA("p_old", "theta", c.old_ema.decay),
+                Frozen("anchor")]
+
+    def step(self, batch, ctx: StepContext) -> StepResult:
+        c, model, dev = self.config, ctx.model, ctx.device
+        a, _ = ctx.batch_wide(
+            lambda r, m: advantages(r, m, c.std_mode, c.adv_clip, c.std_eps), batch.rewards, batch.mask)  # [G, K]
+        a = a.to(torch.float32)
+        weight_r = nft_reward_weight(a, c.adv_clip)  # [G, K]
+        sigmas = noise_levels(c.num_noise_levels, c.num_sampling_steps, c.time_shift, c.top_fraction,
+                              ctx.generator)  # [T]
+        cond_groups = model.encode_prompts(batch.prompts)  # [G] embeds
+        x0, mask = batch.x0, batch.mask  # [G, K, C, H, W], [G, K]
+        G, K = mask.shape
+        for t in range(c.num_noise_levels):
+            sigma = float(sigmas[t])
+            eps_all = torch.randn(G, K, *x0.shape[2:], generator=ctx.generator)  # [G, K, C, H, W]
+            for idx in ctx.chunks:
+                m_c = mask[idx]  # [g, K]
+                n = m_c.numel()
+                x0_c = x0[idx].flatten(0, 1).to(dev)  # [n, C, H, W]
+                eps_c = eps_all[idx].flatten(0, 1).to(dev)  # [n, C, H, W]
+                sig = torch.full((n,), sigma, device=dev)  # [n]
+                x_t = interpolate(x0_c, eps_c, sig)  # [n, C, H, W]
+                u = velocity_target(x0_c, eps_c)  # [n, C, H, W]
+                cond = cond_groups[idx.tolist()].repeat_interleave(K)
+                with torch.no_grad(), ctx.autocast():
+                    v_old = model.velocity(x_t, sig, cond, transformer=ctx.net("p_old")).float()
+                    v_ref = None if c.beta_kl <= 0 else model.velocity(
+                        x_t, sig, cond, transformer=ctx.net("anchor")).float()
+                v_theta = model.velocity(x_t, sig, cond, transformer=ctx.net("theta"))  # [n, C, H, W] grad
+                flat = m_c.reshape(-1).nonzero().squeeze(1).to(dev) if batch.padded else slice(None)
+                loss, st = nft_step_loss(v_theta[flat], v_old[flat], u[flat],
+                                         weight_r[idx].reshape(-1).to(dev)[flat], c,
+                                         None if v_ref is None else v_ref[flat])
+                share = float(m_c.sum()) / batch.n_valid
+                ctx.backward("theta", loss, share)
+                ctx.log(st, share)
+        return StepResult(advantages=a, adv_clip=c.adv_clip)

@@ -1,4 +1,4 @@
-"""Reward scorers, one file each, behind the small :class:`~reward_servers.scorers.base.Scorer`
+"""Reward scorers, one file each, behind the small :class:`~diffrl.reward_servers.scorers.base.Scorer`
 interface, and a registry by name: ``get_scorer("ocr", metric="normalized")``.
 
 Built-in names: shapes, ocr, compressibility, detector, onnx. Modules are imported on first use
@@ -18,11 +18,11 @@ from typing import Any
 from diffrl.config import ConfigError
 
 _BUILTIN: dict[str, str] = {
-    "shapes": "reward_servers.scorers.shapes_reward:ShapesScorer",
-    "ocr": "reward_servers.scorers.ocr:OcrScorer",
-    "compressibility": "reward_servers.scorers.compressibility:CompressibilityScorer",
-    "detector": "reward_servers.scorers.detector:DetectorScorer",
-    "onnx": "reward_servers.scorers.onnx_model:OnnxScorer",
+    "shapes": "diffrl.reward_servers.scorers.shapes_reward:ShapesScorer",
+    "ocr": "diffrl.reward_servers.scorers.ocr:OcrScorer",
+    "compressibility": "diffrl.reward_servers.scorers.compressibility:CompressibilityScorer",
+    "detector": "diffrl.reward_servers.scorers.detector:DetectorScorer",
+    "onnx": "diffrl.reward_servers.scorers.onnx_model:OnnxScorer",
 }
 _EXTRA: dict[str, Callable[..., Any]] = {}
 

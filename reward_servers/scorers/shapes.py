@@ -1,4 +1,4 @@
-"""GenEval-like detector and scorer for the shapes world (``models.shapes_world``).
+"""GenEval-like detector and scorer for the shapes world (``diffrl.models.shapes_world``).
 
 Detection (pure OpenCV/numpy, no learning):
 
@@ -55,8 +55,7 @@ from functools import lru_cache
 
 import cv2
 import numpy as np
-
-from models.shapes_world import BACKGROUND, COLORS, Clause, parse_prompt
+from diffrl.models.shapes_world import BACKGROUND, COLORS, Clause, parse_prompt
 
 OFF_PALETTE = "other"
 """Colour name of detected objects whose pixels match no palette colour."""

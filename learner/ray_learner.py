@@ -1,4 +1,4 @@
-"""A learner rank as a Ray actor: a thin shell over :class:`learner.learner.Learner` that also runs the
+"""A learner rank as a Ray actor: a thin shell over :class:`diffrl.learner.learner.Learner` that also runs the
 held-out evaluation of p_samp on rank 0. Configs arrive as YAML text and are validated again here."""
 
 from __future__ import annotations
@@ -8,11 +8,12 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from diffrl.learner.config import LearnerConfig
+from diffrl.models.config import ModelConfig
+from diffrl.proto.bus import RetryPolicy
+
 from diffrl.config import load_config_text
 from diffrl.evaluation import EvalConfig
-from learner.config import LearnerConfig
-from models.config import ModelConfig
-from proto.bus import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,9 @@ class LearnerSpec:
 def load_learner_model(learner: LearnerConfig, model: ModelConfig):
     """The model a learner trains, on ``learner.device`` in ``learner.dtype`` (auto: bfloat16 on CUDA,
     float32 on CPU); DeepSpeed's CPU accelerator is selected on CPU."""
-    from learner.learner import resolve_device
-    from models.adapter import FlowModel
+    from diffrl.models.adapter import FlowModel
+
+    from diffrl.utils import resolve_device
 
     device = resolve_device(learner.device)
     if device.type == "cpu":
@@ -74,16 +76,16 @@ class LearnerActor:
                            "LOCAL_RANK": os.environ.get("LOCAL_RANK", "0"),
                            "MASTER_ADDR": spec.master_addr, "MASTER_PORT": str(spec.master_port)})
         import torch
+        from diffrl.learner.learner import Learner
 
         from diffrl.embedded_redis import connect
-        from learner.learner import Learner
 
         if spec.learner.torch_threads:
             torch.set_num_threads(spec.learner.torch_threads)
         self.model = load_learner_model(spec.learner, spec.model)
         publisher = None
         if spec.rank == 0 and spec.weights_channel:
-            from proto.weight_sync import RayWeightChannel
+            from diffrl.proto.weight_sync import RayWeightChannel
 
             publisher = RayWeightChannel(spec.weights_channel)
         self.learner = Learner(spec.learner, self.model, publisher=publisher, run_dir=spec.run_dir)
