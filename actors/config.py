@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from diffrl.models.config import SamplingConfig
-
 from diffrl.config import require
+from diffrl.models.config import SamplingConfig
 
 
 @dataclass

@@ -8,12 +8,11 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from diffrl.actors.config import SamplerConfig
+from diffrl.config import load_config_text
 from diffrl.models.config import ModelConfig
 from diffrl.models.lora import LoraConfig
 from diffrl.proto.bus import RetryPolicy
 from diffrl.reward_servers.client import RewardClientConfig
-
-from diffrl.config import load_config_text
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +50,15 @@ class SamplerSpec:
 def build_sampler(spec: SamplerSpec):
     """A ready :class:`Sampler` (model loaded, reward client, producer, weight channel, metrics)."""
     import torch
+
     from diffrl.actors.metrics import SamplerMetrics
     from diffrl.actors.prompts import PromptSource
     from diffrl.actors.sampler import Sampler
+    from diffrl.embedded_redis import connect
     from diffrl.models.adapter import FlowModel
     from diffrl.models.shapes_world import split_prompts
     from diffrl.proto.bus import ExperienceProducer
     from diffrl.reward_servers.client import SyncRewardClient
-
-    from diffrl.embedded_redis import connect
 
     torch.set_num_threads(spec.sampler.torch_threads)
     model = FlowModel.from_config(spec.model)

@@ -22,6 +22,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+
 from diffrl.actors.config import SamplerConfig
 from diffrl.actors.metrics import SamplerMetrics
 from diffrl.actors.prompts import PromptSource

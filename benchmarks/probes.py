@@ -78,15 +78,14 @@ def score(model, x0, prompts):
 
 
 def lockstep(args: argparse.Namespace) -> None:
+    from diffrl.config import load_config
+    from diffrl.evaluation import evaluate
+    from diffrl.job import trained_learner_config
     from diffrl.learner.learner import Learner
     from diffrl.learner.ray_learner import load_learner_model
     from diffrl.models import shapes_world
     from diffrl.proto import experience_pb2
     from diffrl.proto.codec import tensor_to_proto
-
-    from diffrl.config import load_config
-    from diffrl.evaluation import evaluate
-    from diffrl.job import trained_learner_config
     from diffrl.schema import TrainConfig
 
     cfg = load_config(TrainConfig, RECIPE, args.overrides)
@@ -149,10 +148,9 @@ def lockstep(args: argparse.Namespace) -> None:
 
 
 def self_sft(args: argparse.Namespace) -> None:
+    from diffrl.evaluation import EvalConfig, evaluate
     from diffrl.models import shapes_world
     from diffrl.models.pretrain import load_base
-
-    from diffrl.evaluation import EvalConfig, evaluate
 
     torch.set_num_threads(args.threads)
     model = load_base(device="cpu")
@@ -240,10 +238,9 @@ def grad_agreement(args: argparse.Namespace) -> None:
 
 
 def pass_at_k(args: argparse.Namespace) -> None:
+    from diffrl.evaluation import split_prompts
     from diffrl.models.pretrain import load_base
     from diffrl.reward_servers.scorers import shapes as shapes_scorer
-
-    from diffrl.evaluation import split_prompts
 
     torch.set_num_threads(args.threads)
     model = load_base(device="cpu")
@@ -262,10 +259,9 @@ def pass_at_k(args: argparse.Namespace) -> None:
 
 
 def snapshot_eval(args: argparse.Namespace) -> None:
+    from diffrl.evaluation import EvalConfig, evaluate
     from diffrl.learner import checkpoint as ckpt
     from diffrl.models.pretrain import load_base
-
-    from diffrl.evaluation import EvalConfig, evaluate
 
     torch.set_num_threads(args.threads)
     model = load_base(device="cpu")

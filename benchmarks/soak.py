@@ -24,6 +24,8 @@ from pathlib import Path
 
 import psutil
 
+from diffrl import run_folder
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     sampler.stop.set()
     sampler.join()
     minutes = (time.time() - t0) / 60
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((run_dir / run_folder.SUMMARY).read_text())
     end_s = max((s["t"] for s in sampler.samples), default=0.0)
     rows = report(sampler.samples, args.warmup, end_s)
     meta = {"minutes": minutes, "interval": args.interval, "warmup_s": args.warmup, "model": Path(model).name,

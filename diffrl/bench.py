@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Self
 
 import torch
 
+from diffrl import run_folder
 from diffrl.config import ConfigError, require
 from diffrl.models.config import ModelConfig, SamplingConfig
 
@@ -236,8 +237,8 @@ def bench_loop_config(cfg: TrainConfig, reward_latency_ms: float = 0.0) -> dict:
     with CpuMeter() as meter:
         called = time.time()
         run_dir = train(cfg)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run_dir / run_folder.SUMMARY).read_text())
+    steps = [json.loads(line) for line in (run_dir / run_folder.METRICS).read_text().splitlines()]
     steps = [s for s in steps if s.get("kind") == "train"]
     wall = summary["train_seconds"]
     step_seconds = [s["step_seconds"] for s in steps]
@@ -318,8 +319,8 @@ def run_sync_loop(cfg: TrainConfig, reward_latency_ms: float = 0.0) -> dict:
     scfg = replace(cfg.sampler, seed=cfg.sampler.seed + 1000 * cfg.run.seed, metrics_port=-1,
                    max_pending_groups=max(cfg.sampler.max_pending_groups, G + cfg.sampler.groups_per_round))
     run_dir = prepare_run_dir(cfg)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    metrics_log = JsonLines(run_dir / "metrics.jsonl")
+    (run_dir / run_folder.CONFIG).write_text(to_yaml(cfg))
+    metrics_log = JsonLines(run_dir / run_folder.METRICS)
 
     with contextlib.ExitStack() as stack:
         stack.callback(metrics_log.close)

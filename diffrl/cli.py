@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from diffrl import run_folder
 from diffrl.config import format_help, load_config, run_command
 
 # Library defaults that matter for a CPU/offline service; users can still override them.
@@ -75,12 +76,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     extra = [f"run.resume={args.resume}"] if args.resume else []
     recipe, overrides = split_recipe(list(args.config))
-    if args.resume and recipe is None and (Path(args.resume) / "config.yaml").is_file():
-        recipe = str(Path(args.resume) / "config.yaml")  # a resumed run keeps its recipe
+    if args.resume and recipe is None and (Path(args.resume) / run_folder.CONFIG).is_file():
+        recipe = str(Path(args.resume) / run_folder.CONFIG)  # a resumed run keeps its recipe
     cfg = load_config(TrainConfig, recipe, [*overrides, *extra])
     _interrupt_on_sigterm()
     run_dir = train(cfg)
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((run_dir / run_folder.SUMMARY).read_text())
     print(f"run folder: {run_dir}")
     for key in ("eval_start", "eval_end"):
         if key in summary:

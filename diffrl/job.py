@@ -32,15 +32,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from diffrl import run_folder
 from diffrl.actors.ray_sampler import SamplerSpec, spawn_samplers
 from diffrl.config import ConfigError, to_yaml
 from diffrl.embedded_redis import EmbeddedRedis, redact_url
 from diffrl.learner.config import LearnerConfig
 from diffrl.learner.ray_learner import LearnerActor, LearnerSpec
-from diffrl.local_stack import LocalRewardServer
 from diffrl.monitoring import METRICS_HOST_ENV, remove_prometheus_sd, write_prometheus_targets
 from diffrl.placement import in_bundle, learner_rendezvous, place_learners
 from diffrl.reward_servers.client import RewardClientConfig, RewardEndpointConfig
+from diffrl.reward_servers.process import LocalRewardServer
 from diffrl.schema import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ WORKER_ENV = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "TOKEN
 def prepare_run_dir(cfg: TrainConfig) -> Path:
     if cfg.run.resume:
         run_dir = Path(cfg.run.resume)
-        if not (run_dir / "checkpoints").is_dir():
+        if not (run_dir / run_folder.CHECKPOINTS).is_dir():
             raise FileNotFoundError(f"--resume {run_dir}: no checkpoints/ folder there")
         return run_dir
     base = Path(cfg.run.output_dir) / cfg.run.name
@@ -83,7 +84,7 @@ def _start_rewards(cfg: TrainConfig, run_dir: Path, stack: contextlib.ExitStack)
         if not urls:
             for i in range(spec.local_replicas):
                 server = LocalRewardServer(spec.name, spec.serve_args,
-                                           log_path=run_dir / "logs" / f"reward-{spec.name}-{i}.log").start()
+                                           log_path=run_dir / run_folder.LOGS / f"reward-{spec.name}-{i}.log").start()
                 stack.callback(server.stop)
                 urls.append(server.wait_ready().url)
         endpoints.append(RewardEndpointConfig(name=spec.name, urls=urls, weight=spec.weight,
@@ -133,10 +134,10 @@ def train(cfg: TrainConfig) -> Path:
     resuming = bool(cfg.run.resume)
     cfg = replace(cfg, learner=trained_learner_config(cfg))
     shown = replace(cfg, redis=replace(cfg.redis, url=redact_url(cfg.redis.url)))  # no password in the run folder
-    (run_dir / "config.yaml" if not resuming else run_dir / "config.resumed.yaml").write_text(to_yaml(shown))
-    (run_dir / "grids").mkdir(exist_ok=True)
-    metrics_log = JsonLines(run_dir / "metrics.jsonl")
-    eval_log = JsonLines(run_dir / "eval.jsonl")
+    (run_dir / run_folder.CONFIG if not resuming else run_dir / run_folder.CONFIG_RESUMED).write_text(to_yaml(shown))
+    (run_dir / run_folder.GRIDS).mkdir(exist_ok=True)
+    metrics_log = JsonLines(run_dir / run_folder.METRICS)
+    eval_log = JsonLines(run_dir / run_folder.EVAL)
     summary: dict = {"run_dir": str(run_dir), "resumed": resuming}
     start = time.time()
 
@@ -191,7 +192,7 @@ def train(cfg: TrainConfig) -> Path:
                      "redis": redact_url(redis_url), "rewards": {e.name: e.urls for e in rewards.rewards},
                      "sampler_metrics": [f"http://{s['metrics_host']}:{s['metrics_port']}/metrics"
                                          for s in sampler_status]}
-        (run_dir / "endpoints.json").write_text(json.dumps(endpoints, indent=2))
+        (run_dir / run_folder.ENDPOINTS).write_text(json.dumps(endpoints, indent=2))
         sd_file = write_prometheus_targets(run_dir, Path(cfg.run.output_dir), endpoints)
         stack.callback(remove_prometheus_sd, sd_file)
         summary["start_step"] = step
@@ -200,7 +201,7 @@ def train(cfg: TrainConfig) -> Path:
         summary["sampler_versions_start"] = [s["version"] for s in sampler_status]
 
         def evaluate(at_step: int) -> dict:
-            grid = run_dir / "grids" / f"step_{at_step:06d}.png"
+            grid = run_folder.grid_path(run_dir, at_step)
             m = ray.get(learners[0].evaluate.remote(str(grid)))
             eval_log.write({"step": at_step, **m})
             metrics_log.write({"step": at_step, "kind": "eval", **m})
@@ -254,7 +255,7 @@ def train(cfg: TrainConfig) -> Path:
             train_seconds=train_seconds,
             learner_counters=learner_status[0]["counters"],
         )
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    (run_dir / run_folder.SUMMARY).write_text(json.dumps(summary, indent=2, default=float))
     return run_dir
 
 
@@ -266,8 +267,8 @@ class _Ledger:
     def __init__(self, run_dir: Path, redis_url: str, cfg: TrainConfig):
         from diffrl.embedded_redis import connect
 
-        self.path = run_dir / "ledger.json"
-        self.trained_file = run_dir / "trained_groups.txt"
+        self.path = run_dir / run_folder.LEDGER
+        self.trained_file = run_dir / run_folder.TRAINED_GROUPS
         self.redis = connect(redis_url)
         self.stream, self.group = cfg.redis.stream, cfg.redis.consumer_group
         self.retry = cfg.redis.retry

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from diffrl.local_stack import free_port
+from diffrl.utils import free_port
 
 if TYPE_CHECKING:
     from diffrl.schema import TrainConfig

@@ -35,7 +35,9 @@ from pathlib import Path
 
 import yaml
 
-RUN_FILES = ("metrics.jsonl", "eval.jsonl", "config.yaml", "summary.json")
+from diffrl import run_folder
+
+RUN_FILES = (run_folder.METRICS, run_folder.EVAL, run_folder.CONFIG, run_folder.SUMMARY)
 """A folder holding none of these is not a run folder."""
 CLAUSES = ("count", "color", "shape", "partial")
 ACCURACY_METRICS = ("strict", *CLAUSES)
@@ -231,9 +233,9 @@ def load_run(path: str | Path) -> Run:
         raise NotARunFolder(f"{path}: not a run folder (none of {', '.join(RUN_FILES)} there)")
     warnings: list[str] = []
     config: dict = {}
-    if (path / "config.yaml").is_file():
+    if (path / run_folder.CONFIG).is_file():
         try:
-            config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+            config = yaml.safe_load((path / run_folder.CONFIG).read_text()) or {}
         except yaml.YAMLError as err:
             warnings.append(f"config.yaml unreadable ({err.__class__.__name__}); algorithm and seed unknown")
     else:
@@ -243,13 +245,13 @@ def load_run(path: str | Path) -> Run:
     seed = run_cfg.get("seed")
 
     summary: dict = {}
-    if (path / "summary.json").is_file():
+    if (path / run_folder.SUMMARY).is_file():
         try:
-            summary = json.loads((path / "summary.json").read_text())
+            summary = json.loads((path / run_folder.SUMMARY).read_text())
         except json.JSONDecodeError:
             warnings.append("summary.json unreadable")
-    metrics = _read_jsonl(path / "metrics.jsonl", warnings)
-    if not (path / "metrics.jsonl").is_file():
+    metrics = _read_jsonl(path / run_folder.METRICS, warnings)
+    if not (path / run_folder.METRICS).is_file():
         warnings.append("no metrics.jsonl: no training curves")
     train, resumed = _train_points([r for r in metrics if r.get("kind", "train") == "train"], warnings)
     if not train:
@@ -257,13 +259,13 @@ def load_run(path: str | Path) -> Run:
     if "end_step" not in summary:
         warnings.append("no finished summary.json: the run was killed or is still running; "
                         f"reporting the {len(train)} step(s) recorded")
-    resumed = resumed or bool(summary.get("resumed")) or (path / "config.resumed.yaml").is_file()
+    resumed = resumed or bool(summary.get("resumed")) or (path / run_folder.CONFIG_RESUMED).is_file()
     if resumed:
         warnings.append("resumed run: wall time counts each segment from its own start; a step redone "
                         "after the resume keeps its last record")
 
-    if (path / "eval.jsonl").is_file():
-        eval_records = _read_jsonl(path / "eval.jsonl", warnings)
+    if (path / run_folder.EVAL).is_file():
+        eval_records = _read_jsonl(path / run_folder.EVAL, warnings)
     else:
         eval_records = [{k: v for k, v in r.items() if k != "kind"} for r in metrics if r.get("kind") == "eval"]
         warnings.append("no eval.jsonl" + (f": using the {len(eval_records)} evaluation line(s) of metrics.jsonl"
@@ -282,7 +284,7 @@ def load_run(path: str | Path) -> Run:
         warnings.append("only one evaluation: no before/after comparison")
 
     grids = []
-    for png in sorted((path / "grids").glob("step_*.png")) if (path / "grids").is_dir() else []:
+    for png in sorted((path / run_folder.GRIDS).glob("step_*.png")) if (path / run_folder.GRIDS).is_dir() else []:
         try:
             grids.append((int(png.stem.removeprefix("step_")), png))
         except ValueError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from diffrl import run_folder
 from diffrl.actors.config import SamplerConfig
 from diffrl.config import require
 from diffrl.embedded_redis import redact_url as _redact_url
@@ -40,7 +41,7 @@ class RunConfig:
         require(self.max_steps >= 1, "max_steps", "an int >= 1", self.max_steps)
         require(self.max_seconds >= 0, "max_seconds", "seconds >= 0", self.max_seconds)
         require(self.eval_every >= 0, "eval_every", "an int >= 0", self.eval_every)
-        require(not self.resume or Path(self.resume, "checkpoints").is_dir(), "resume",
+        require(not self.resume or Path(self.resume, run_folder.CHECKPOINTS).is_dir(), "resume",
                 "a run folder with a checkpoints/ folder", self.resume)
 
 

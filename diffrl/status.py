@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 
+from diffrl import run_folder
 from diffrl.learner import metrics as lm
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]
@@ -131,7 +132,7 @@ def _reward_replica(client: httpx.Client, name: str, url: str) -> dict:
 
 
 def _recent(run_dir: Path, n: int = 5) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / run_folder.METRICS
     if not path.is_file():
         return []
     with open(path, "rb") as f:  # the tail only: a long run's file is large
@@ -155,7 +156,7 @@ def collect_status(run_dir: str | Path, timeout_s: float = 3.0) -> dict:
     finished, not running)."""
     run_dir = Path(run_dir)
     st: dict = {"run_dir": str(run_dir), "recent": _recent(run_dir)}
-    summary_path, endpoints_path = run_dir / "summary.json", run_dir / "endpoints.json"
+    summary_path, endpoints_path = run_dir / run_folder.SUMMARY, run_dir / run_folder.ENDPOINTS
     if not endpoints_path.is_file():
         st.update(state=NOT_STARTED, message=f"no {endpoints_path.name} in {run_dir}: the run has not started "
                                              "its services yet (or this is not a run folder)")

@@ -4,9 +4,9 @@ standard deviation, clipping, and the normalized form ã ∈ [0, 1] (CRD, Diffus
 from __future__ import annotations
 
 import torch
-from diffrl.learner.losses import group_mean
 
 from diffrl.config import require
+from diffrl.learner.losses import group_mean
 
 Tensor = torch.Tensor
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+
 from diffrl.models.sde import (
     EXTRA_GUIDANCE_SCALE,
     EXTRA_LATENTS,

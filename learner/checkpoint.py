@@ -33,9 +33,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from diffrl import run_folder
+
 log = logging.getLogger("diffrl.learner.learner")
 
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = run_folder.CHECKPOINTS
 LATEST = "latest"
 STATE_FILE = "state.json"
 FORMAT_VERSION = 2

@@ -1,8 +1,8 @@
 """Configuration of the learner (the ``learner:`` section of a recipe).
 
-Plain dataclasses with a docstring under every field. ``validate()`` raises a plain
-``ValueError("field: expected ...")`` (``learner`` does not import ``diffrl``; the config loader turns
-it into a ConfigError with the dotted path prefixed).
+Plain dataclasses with a docstring under every field; ``validate()`` raises ``ConfigError`` through
+``diffrl.config.require`` (the config loader prefixes the dotted path). Each registered algorithm adds
+its own section, ``learner.<name>`` (``LearnerConfig.config_sections``).
 """
 
 from __future__ import annotations
@@ -15,12 +15,8 @@ from diffrl.learner.algorithms import base as algorithms
 DTYPES = ("auto", "float32", "bfloat16")
 DEVICES_HINT = "auto|cpu|cuda[:N]"
 
+from diffrl.config import require
 from diffrl.models.lora import SD3_ATTENTION_TARGETS, LoraConfig  # noqa: F401 - part of the learner config
-
-
-def _require(condition: bool, name: str, expected: str, got: object = None) -> None:
-    if not condition:
-        raise ValueError(f"{name}: expected {expected}, got {got!r}")
 
 
 @dataclass
@@ -126,43 +122,43 @@ class LearnerConfig:
 
     def validate(self) -> None:
         names = sorted(algorithms.registry())
-        _require(self.algorithm in names, "algorithm", f"one of {names}", self.algorithm)
+        require(self.algorithm in names, "algorithm", f"one of {names}", self.algorithm)
         for name in (self.algorithm, "lora"):
             try:
                 getattr(self, name).validate()
             except ValueError as err:
                 raise ValueError(f"{name}.{err}") from None
-        _require(self.world_size >= 1, "world_size", "an int >= 1", self.world_size)
-        _require(self.groups_per_step >= 1 and self.groups_per_step % self.world_size == 0,
+        require(self.world_size >= 1, "world_size", "an int >= 1", self.world_size)
+        require(self.groups_per_step >= 1 and self.groups_per_step % self.world_size == 0,
                  "groups_per_step", f"a positive multiple of world_size={self.world_size}",
                  self.groups_per_step)
-        _require(self.micro_groups >= 0, "micro_groups", "an int >= 0", self.micro_groups)
+        require(self.micro_groups >= 0, "micro_groups", "an int >= 0", self.micro_groups)
         for key, w in self.reward_weights.items():
-            _require(bool(key), "reward_weights", "non-empty reward names", key)
-            _require(isinstance(w, (int, float)) and math.isfinite(w),
+            require(bool(key), "reward_weights", "non-empty reward names", key)
+            require(isinstance(w, (int, float)) and math.isfinite(w),
                      f"reward_weights.{key}", "a finite float", w)
-        _require(self.lr > 0, "lr", "a float > 0", self.lr)
-        _require(self.weight_decay >= 0, "weight_decay", "a float >= 0", self.weight_decay)
-        _require(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "betas",
+        require(self.lr > 0, "lr", "a float > 0", self.lr)
+        require(self.weight_decay >= 0, "weight_decay", "a float >= 0", self.weight_decay)
+        require(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "betas",
                  "two floats in [0, 1)", self.betas)
-        _require(self.adam_eps > 0, "adam_eps", "a float > 0", self.adam_eps)
-        _require(self.grad_clip is None or self.grad_clip >= 0, "grad_clip", "None or a float >= 0",
+        require(self.adam_eps > 0, "adam_eps", "a float > 0", self.adam_eps)
+        require(self.grad_clip is None or self.grad_clip >= 0, "grad_clip", "None or a float >= 0",
                  self.grad_clip)
-        _require(self.zero_stage in (0, 1, 2, 3), "zero_stage", "0, 1, 2 or 3", self.zero_stage)
-        _require(self.device == "auto" or self.device.startswith(("cpu", "cuda")), "device",
+        require(self.zero_stage in (0, 1, 2, 3), "zero_stage", "0, 1, 2 or 3", self.zero_stage)
+        require(self.device == "auto" or self.device.startswith(("cpu", "cuda")), "device",
                  DEVICES_HINT, self.device)
-        _require(self.dtype in DTYPES, "dtype", f"one of {DTYPES}", self.dtype)
-        _require(self.dist_backend in ("auto", "nccl", "gloo"), "dist_backend", "auto|nccl|gloo",
+        require(self.dtype in DTYPES, "dtype", f"one of {DTYPES}", self.dtype)
+        require(self.dist_backend in ("auto", "nccl", "gloo"), "dist_backend", "auto|nccl|gloo",
                  self.dist_backend)
-        _require(self.max_staleness >= 0, "max_staleness", "an int >= 0", self.max_staleness)
-        _require(self.checkpoint_every >= 0, "checkpoint_every", "an int >= 0", self.checkpoint_every)
-        _require(self.keep_checkpoints >= 0, "keep_checkpoints", "an int >= 0", self.keep_checkpoints)
-        _require(self.max_steps >= 0, "max_steps", "an int >= 0", self.max_steps)
-        _require(self.read_block_ms >= 0, "read_block_ms", "an int >= 0", self.read_block_ms)
-        _require(bool(self.consumer_name_prefix), "consumer_name_prefix", "a non-empty name",
+        require(self.max_staleness >= 0, "max_staleness", "an int >= 0", self.max_staleness)
+        require(self.checkpoint_every >= 0, "checkpoint_every", "an int >= 0", self.checkpoint_every)
+        require(self.keep_checkpoints >= 0, "keep_checkpoints", "an int >= 0", self.keep_checkpoints)
+        require(self.max_steps >= 0, "max_steps", "an int >= 0", self.max_steps)
+        require(self.read_block_ms >= 0, "read_block_ms", "an int >= 0", self.read_block_ms)
+        require(bool(self.consumer_name_prefix), "consumer_name_prefix", "a non-empty name",
                  self.consumer_name_prefix)
-        _require(self.dedup_window >= 0, "dedup_window", "an int >= 0", self.dedup_window)
-        _require(self.torch_threads >= 0, "torch_threads", "an int >= 0", self.torch_threads)
+        require(self.dedup_window >= 0, "dedup_window", "an int >= 0", self.dedup_window)
+        require(self.torch_threads >= 0, "torch_threads", "an int >= 0", self.torch_threads)
 
     # ------------------------------------------------------------------ derived values
     @property

@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
 from diffrl.learner import batch as experience
 from diffrl.learner import distributed
 from diffrl.learner.algorithms.base import Algorithm, StepResult, Trainable
@@ -43,8 +45,6 @@ from diffrl.learner.networks import Networks
 from diffrl.learner.stats import StatsAccumulator, step_stats
 from diffrl.learner.stream import TRAINED_GROUPS_FILE, StreamLoop
 from diffrl.proto import experience_pb2
-from torch import nn
-
 from diffrl.utils import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)

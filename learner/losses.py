@@ -5,6 +5,7 @@ tensors; per-sample tensors are ``[N, ...]`` group-major (N = G·K), per-sample 
 from __future__ import annotations
 
 import torch
+
 from diffrl.models.sde import _compute_dtype
 
 Tensor = torch.Tensor

@@ -17,9 +17,10 @@ import itertools
 from typing import Any
 
 import torch
+from torch import nn
+
 from diffrl.learner.algorithms.base import EMA, Frozen, Role, Trainable
 from diffrl.learner.ema import ema_update_
-from torch import nn
 
 Tensor = torch.Tensor
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import torch
 
+from diffrl.config import require
+
 # One copy of the tensor helpers and of the Euler schedule, shared with the sampler (models/ cannot
 # import learner/).
 from diffrl.models.sde import _bcast
 from diffrl.models.sde import sde_sigmas as sampling_sigmas
-
-from diffrl.config import require
 
 Tensor = torch.Tensor
 

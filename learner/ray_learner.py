@@ -8,12 +8,11 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from diffrl.config import load_config_text
+from diffrl.evaluation import EvalConfig
 from diffrl.learner.config import LearnerConfig
 from diffrl.models.config import ModelConfig
 from diffrl.proto.bus import RetryPolicy
-
-from diffrl.config import load_config_text
-from diffrl.evaluation import EvalConfig
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,6 @@ def load_learner_model(learner: LearnerConfig, model: ModelConfig):
     """The model a learner trains, on ``learner.device`` in ``learner.dtype`` (auto: bfloat16 on CUDA,
     float32 on CPU); DeepSpeed's CPU accelerator is selected on CPU."""
     from diffrl.models.adapter import FlowModel
-
     from diffrl.utils import resolve_device
 
     device = resolve_device(learner.device)
@@ -76,9 +74,9 @@ class LearnerActor:
                            "LOCAL_RANK": os.environ.get("LOCAL_RANK", "0"),
                            "MASTER_ADDR": spec.master_addr, "MASTER_PORT": str(spec.master_port)})
         import torch
-        from diffrl.learner.learner import Learner
 
         from diffrl.embedded_redis import connect
+        from diffrl.learner.learner import Learner
 
         if spec.learner.torch_threads:
             torch.set_num_threads(spec.learner.torch_threads)

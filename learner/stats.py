@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
 from diffrl.proto import experience_pb2
 
 Tensor = torch.Tensor

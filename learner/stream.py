@@ -19,13 +19,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from diffrl import run_folder
 from diffrl.proto import experience_pb2
 
 log = logging.getLogger("diffrl.learner.learner")
 
 Group = experience_pb2.Group
 
-TRAINED_GROUPS_FILE = "trained_groups.txt"
+TRAINED_GROUPS_FILE = run_folder.TRAINED_GROUPS
 """Run-folder file listing every committed trained group (``group_id<TAB>step``)."""
 
 

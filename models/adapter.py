@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffrl.models.config import ModelConfig
-from diffrl.models.sde import sde_sigmas, sde_step_with_noise
 from torch import nn
 
+from diffrl.models.config import ModelConfig
+from diffrl.models.sde import sde_sigmas, sde_step_with_noise
 from diffrl.utils import DTYPES, resolve_device
 
 # Components a StableDiffusion3Pipeline may leave out; passed as None when the folder lacks them.
@@ -70,8 +70,9 @@ def load_pipeline(path: str, dtype: torch.dtype = torch.float32):
     """The pipeline in a local diffusers folder (a FlowUNetPipeline or a StableDiffusion3Pipeline whose
     optional components absent from model_index.json become None), or an SD3 hub id where the hub is
     reachable."""
-    from diffrl.models.flow_pipeline import FlowUNetPipeline
     from diffusers import StableDiffusion3Pipeline
+
+    from diffrl.models.flow_pipeline import FlowUNetPipeline
 
     path = resolve_model_path(path)
     folder = Path(path)

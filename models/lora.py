@@ -7,11 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-
-def _require(condition: bool, name: str, expected: str, got: object = None) -> None:
-    if not condition:
-        raise ValueError(f"{name}: expected {expected}, got {got!r}")
-
+from diffrl.config import require
 
 # Attention projections, as module-name suffixes: every attention of SD3's joint blocks (image stream
 # to_q/k/v/out, text stream add_*_proj/to_add_out) and of a UNet's self- and cross-attention layers.
@@ -45,10 +41,10 @@ class LoraConfig:
     cross-attention)."""
 
     def validate(self) -> None:
-        _require(self.rank >= 1, "rank", "an int >= 1", self.rank)
-        _require(self.alpha > 0, "alpha", "a float > 0", self.alpha)
-        _require(0.0 <= self.dropout < 1.0, "dropout", "a float in [0, 1)", self.dropout)
-        _require(len(self.target_modules) > 0 and all(isinstance(t, str) and t for t in self.target_modules),
+        require(self.rank >= 1, "rank", "an int >= 1", self.rank)
+        require(self.alpha > 0, "alpha", "a float > 0", self.alpha)
+        require(0.0 <= self.dropout < 1.0, "dropout", "a float in [0, 1)", self.dropout)
+        require(len(self.target_modules) > 0 and all(isinstance(t, str) and t for t in self.target_modules),
                  "target_modules", "a non-empty list of module-name suffixes", self.target_modules)
 
 

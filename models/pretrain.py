@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffrl.models import shapes_world
-from diffrl.models.adapter import FlowModel, denoise
-from diffrl.models.tiny_sd3 import TinySD3Arch, TinyUNetArch, build_tiny_sd3, build_tiny_unet
 from tqdm import tqdm
 
 from diffrl.config import require
+from diffrl.models import shapes_world
+from diffrl.models.adapter import FlowModel, denoise
+from diffrl.models.tiny_sd3 import TinySD3Arch, TinyUNetArch, build_tiny_sd3, build_tiny_unet
 
 
 @dataclass

@@ -19,6 +19,8 @@ import math
 
 import torch
 
+from diffrl.config import require
+
 Tensor = torch.Tensor
 
 LOG_PROB_REDUCTIONS = ("mean", "sum")
@@ -38,11 +40,6 @@ EXTRA_GUIDANCE_SCALE = "sde_guidance_scale"
 EXTRA_KEYS = (EXTRA_LATENTS, EXTRA_LOG_PROBS, EXTRA_SIGMAS, EXTRA_NOISE_LEVEL, EXTRA_GUIDANCE_SCALE)
 
 
-def _require(condition: bool, name: str, expected: str, got: object = None) -> None:
-    if not condition:
-        raise ValueError(f"{name}: expected {expected}, got {got!r}")
-
-
 def _compute_dtype(x: Tensor) -> torch.dtype:
     """float32 for half/bf16 inputs, the input's own dtype for float32/float64."""
     return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
@@ -59,8 +56,8 @@ def _bcast(s: Tensor | float, like: Tensor) -> Tensor:
 def sde_sigmas(num_steps: int, shift: float = 1.0) -> Tensor:
     """The Euler/SDE sampler's levels ``[num_steps + 1]`` float64 from 1 (pure noise) to 0: σ_k =
     shift·τ/(1 + (shift − 1)·τ), τ = 1 − k/num_steps; step k evaluates the velocity at σ_k and moves
-    to σ_{k+1} (``diffrl.learner.algorithms.crd.sampling_sigmas`` is this function)."""
-    _require(num_steps >= 1, "num_steps", ">= 1", num_steps)
+    to σ_{k+1} (``diffrl.learner.noise_levels.sampling_sigmas`` is this function)."""
+    require(num_steps >= 1, "num_steps", ">= 1", num_steps)
     tau = 1.0 - torch.arange(num_steps + 1, dtype=torch.float64) / num_steps  # [S + 1]
     return shift * tau / (1.0 + (shift - 1.0) * tau)  # [S + 1]
 
@@ -109,7 +106,7 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor, reduce: str = "mean"
     then averaged ("mean", Flow-GRPO's choice: a per-dimension log-prob) or summed ("sum", the joint
     log-density) over the non-batch dims. ``x``, ``mean`` ``[N, ...]``; ``std`` broadcastable ->
     ``[N]``."""
-    _require(reduce in LOG_PROB_REDUCTIONS, "reduce", f"one of {LOG_PROB_REDUCTIONS}", reduce)
+    require(reduce in LOG_PROB_REDUCTIONS, "reduce", f"one of {LOG_PROB_REDUCTIONS}", reduce)
     std = std.to(mean.dtype).expand_as(mean)  # [N, ...]
     lp = (
         -((x.detach().to(mean.dtype) - mean) ** 2) / (2.0 * std**2)

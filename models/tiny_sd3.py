@@ -225,8 +225,9 @@ class TinyUNetArch:
 
 def build_tiny_unet(arch: TinyUNetArch, workdir: str | Path, seed: int = 0):
     """A randomly initialised :class:`diffrl.models.flow_pipeline.FlowUNetPipeline` of the given sizes."""
-    from diffrl.models.flow_pipeline import FlowUNetPipeline
     from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
+
+    from diffrl.models.flow_pipeline import FlowUNetPipeline
 
     arch.validate()
     torch.manual_seed(seed)

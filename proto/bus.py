@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import redis as _redis
+
 from diffrl.proto import experience_pb2
 from diffrl.proto.codec import check_group, group_from_bytes, group_to_bytes
 

@@ -19,8 +19,9 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
-from diffrl.proto import experience_pb2, tensor_pb2, weights_pb2
 from google.protobuf.message import DecodeError
+
+from diffrl.proto import experience_pb2, tensor_pb2, weights_pb2
 
 __all__ = [
     "DTYPES",

@@ -18,6 +18,7 @@ import threading
 from typing import Protocol
 
 import torch
+
 from diffrl.proto.codec import (
     weight_update_from_bytes,
     weight_update_from_proto,

@@ -36,18 +36,19 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import cv2
-from diffrl.proto import reward_pb2
-from diffrl.reward_servers.batching import MicroBatcher, Scored, score_robustly
-from diffrl.reward_servers.config import ExecutionConfig, ServerLimits
-from diffrl.reward_servers.images import ImageError, decode_image, image_header
-from diffrl.reward_servers.metrics import ServerMetrics
-from diffrl.reward_servers.scorers.base import Scorer
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST
+
+from diffrl.proto import reward_pb2
+from diffrl.reward_servers.batching import MicroBatcher, Scored, score_robustly
+from diffrl.reward_servers.config import ExecutionConfig, ServerLimits
+from diffrl.reward_servers.images import ImageError, decode_image, image_header
+from diffrl.reward_servers.metrics import ServerMetrics
+from diffrl.reward_servers.scorers.base import Scorer
 
 PROTO_TYPES = ("application/x-protobuf", "application/protobuf", "application/vnd.google.protobuf")
 JSON_TYPES = ("application/json",)

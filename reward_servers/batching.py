@@ -23,6 +23,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from diffrl.reward_servers.scorers.base import Scorer
 
 

@@ -24,10 +24,7 @@ import asyncio
 import math
 import os
 import platform
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,12 +33,12 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from diffrl.proto import reward_pb2
-from diffrl.reward_servers.images import decode_image, encode_png
 from google.protobuf import json_format
 
 from diffrl.config import require
-from diffrl.utils import free_port
+from diffrl.proto import reward_pb2
+from diffrl.reward_servers.images import decode_image, encode_png
+from diffrl.reward_servers.process import LocalRewardServer
 
 WORDS = ("hello", "diffrl", "reward", "flow", "sample", "quick", "zebra", "tensor", "ocean", "river", "policy",
          "group", "sign", "coffee", "garden", "winter", "yellow", "mountain", "pixel", "market", "stone", "light",
@@ -124,6 +121,7 @@ def draw_faces(n: int, width: int = 360, height: int = 140) -> np.ndarray:
 def workload(name: str, n: int, seed: int = 0) -> tuple[list[np.ndarray], list[str], list[dict[str, str]]]:
     """(images, prompts, metadata) of one benchmark batch for reward ``name``."""
     import cv2
+
     from diffrl.models.shapes_world import all_prompts, render_prompt
 
     rng = np.random.default_rng(seed)
@@ -171,40 +169,23 @@ def _cpu_model() -> str:
 
 
 class _Server:
+    """The benchmarked server: the shared launcher, pinned to ``server_cpus``, its log discarded."""
+
     def __init__(self, cfg: RewardBenchConfig):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="bench-reward-", suffix=".log", delete=False)  # noqa: SIM115
-        cpus = _cpus(cfg.server_cpus)
-        env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads)}
-        env.pop("DIFFRL_REWARD_TOKEN", None)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "diffrl.reward_servers", "serve", cfg.name, "--port", str(self.port),
-             f"execution.threads={cfg.threads}", "limits.max_items=1024", *cfg.server],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        if cpus:  # pinned before the interpreter has started any thread (they inherit the mask)
-            os.sched_setaffinity(self.proc.pid, cpus)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the reward server exited: {Path(self.log.name).read_text()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise TimeoutError("the reward server did not start in 90 s")
+        self.server = LocalRewardServer(
+            cfg.name, [f"execution.threads={cfg.threads}", "limits.max_items=1024", *cfg.server],
+            log_path=self.log.name, env={"OMP_NUM_THREADS": str(cfg.threads), "DIFFRL_REWARD_TOKEN": None},
+            cpus=_cpus(cfg.server_cpus)).start()
+        self.port, self.url = self.server.port, self.server.url
+        try:
+            self.server.wait_ready(timeout=90)
+        except Exception:
+            self.stop()
+            raise
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.server.stop()
         Path(self.log.name).unlink(missing_ok=True)
 
 

@@ -25,9 +25,8 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-from diffrl.reward_servers.config import TOKEN_ENV, RewardServerConfig
-
 from diffrl.config import ConfigError, describe, format_help, load_config, run_command
+from diffrl.reward_servers.config import TOKEN_ENV, RewardServerConfig
 
 SERVE_ENV = "DIFFRL_REWARD_SERVE"
 """Environment variable carrying the resolved serve config (JSON) to uvicorn worker processes."""
@@ -110,6 +109,7 @@ def serve(name: str, cfg, token: str | None, recipe: str | None = None, override
     """Serve reward ``name`` with the resolved ``cfg`` until SIGINT/SIGTERM. With ``workers > 1`` the
     worker processes rebuild the config from ``recipe`` and ``overrides``."""
     import uvicorn
+
     from diffrl.reward_servers.app import create_app
     from diffrl.reward_servers.scorers import get_scorer
 

@@ -43,15 +43,15 @@ from typing import Any, Self
 
 import httpx
 import numpy as np
-from diffrl.proto import reward_pb2
-from diffrl.reward_servers.config import TOKEN_ENV
-from diffrl.reward_servers.images import encode_png
-from diffrl.reward_servers.metrics import client_metrics
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from diffrl.config import ConfigError, require
+from diffrl.proto import reward_pb2
+from diffrl.reward_servers.config import TOKEN_ENV
+from diffrl.reward_servers.images import encode_png
+from diffrl.reward_servers.metrics import client_metrics
 
 PROTO_MEDIA_TYPE = "application/x-protobuf"
 

@@ -23,8 +23,9 @@ import math
 import os
 from typing import Any
 
-from diffrl.reward_servers.config import TOKEN_ENV
 from ray import serve
+
+from diffrl.reward_servers.config import TOKEN_ENV
 
 DEFAULT_AUTOSCALING: dict[str, Any] = {
     "min_replicas": 1,
@@ -60,11 +61,10 @@ class RewardDeployment:
         self.config = dict(config or {})
 
     def __serve_build_asgi_app__(self):
+        from diffrl.config import load_config
         from diffrl.reward_servers.app import create_app
         from diffrl.reward_servers.cli import serve_schema
         from diffrl.reward_servers.scorers import get_scorer
-
-        from diffrl.config import load_config
 
         cfg = load_config(serve_schema(self.name), None, dict_to_overrides(self.config))
         token = os.environ.get(TOKEN_ENV, "").strip() or None

@@ -1,6 +1,7 @@
 """Fixtures shared by several test files."""
 
 import pytest
+
 from diffrl.models.tiny_sd3 import TinySD3Arch, build_tiny_sd3
 
 TINY_ARCH = TinySD3Arch(num_layers=1, num_heads=2, head_dim=16, text_hidden=32, text_projection=16)

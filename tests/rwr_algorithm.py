@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from diffrl.learner.algorithms.base import EMA, Algorithm, Frozen, StepResult, Trainable, register
 from diffrl.learner.noise_levels import interpolate, velocity_target
 

@@ -21,6 +21,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
+from prometheus_client import CollectorRegistry
+
 from diffrl.learner.config import LearnerConfig
 from diffrl.learner.learner import Learner
 from diffrl.models.adapter import FlowModel
@@ -34,7 +36,6 @@ from diffrl.models.sde import (
 from diffrl.models.tiny_sd3 import TinySD3Arch, build_tiny_sd3
 from diffrl.proto import experience_pb2
 from diffrl.proto.codec import tensor_to_proto
-from prometheus_client import CollectorRegistry
 
 DATA = Path(__file__).resolve().parent / "data" / "step_reference.json"
 STEPS, G, K = 3, 2, 4

@@ -15,14 +15,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
-from diffrl.learner.algorithms import base
-from diffrl.learner.config import LearnerConfig
-from diffrl.learner.learner import Learner
-from diffrl.models.adapter import FlowModel
 from prometheus_client import CollectorRegistry
 from test_learner import bus, make_group, model_dir, poll_until_step, redis_server  # noqa: F401 - fixtures
 
 from diffrl.config import ConfigError, load_config, to_yaml
+from diffrl.learner.algorithms import base
+from diffrl.learner.config import LearnerConfig
+from diffrl.learner.learner import Learner
+from diffrl.models.adapter import FlowModel
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,6 +13,9 @@ import textwrap
 
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
 from diffrl.learner import noise_levels as nl
 from diffrl.learner.advantages import advantages
 from diffrl.learner.algorithms import grpo, nft
@@ -30,8 +33,6 @@ from diffrl.learner.ema import EMASchedule, ema_decay, ema_update_
 from diffrl.learner.losses import adaptive_weight, kl_anchor
 from diffrl.learner.noise_levels import anchor_noise_levels, interpolate, noise_levels, velocity_target
 from diffrl.models.sde import sde_step_with_noise
-from hypothesis import assume, given, settings
-from hypothesis import strategies as st
 
 F64 = torch.float64
 

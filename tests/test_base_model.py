@@ -3,11 +3,11 @@ headroom (figures in docs/shapes_world.md)."""
 
 import numpy as np
 import pytest
+
+from diffrl.evaluation import fidelity, summarize
 from diffrl.models.adapter import FlowModel
 from diffrl.models.shapes_world import parse_prompt, train_prompts
 from diffrl.reward_servers.scorers import shapes as shapes_scorer
-
-from diffrl.evaluation import fidelity, summarize
 
 
 @pytest.mark.parametrize("path", ["assets/shapes-base", "assets/shapes-base-3k"])

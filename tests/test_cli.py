@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+
 from diffrl.models.tiny_sd3 import TinySD3Arch, build_tiny_sd3
 
 DIFFRL = [sys.executable, "-m", "diffrl.cli"]

@@ -4,12 +4,12 @@ import dataclasses
 import importlib
 
 import pytest
-from diffrl.models.config import ModelConfig, SamplingConfig
-from diffrl.models.pretrain import PretrainConfig
-from diffrl.models.tiny_sd3 import TinySD3Arch, TinyUNetArch
 
 from diffrl.config import ConfigError, describe, field_docs, load_config, to_yaml
 from diffrl.evaluation import EvalConfig
+from diffrl.models.config import ModelConfig, SamplingConfig
+from diffrl.models.pretrain import PretrainConfig
+from diffrl.models.tiny_sd3 import TinySD3Arch, TinyUNetArch
 
 
 def test_defaults_recipe_and_overrides(tmp_path):

@@ -176,7 +176,6 @@ def test_manifests_run_valid_diffrl_commands_and_recipes(monkeypatch):
     """The RayJob's entrypoint recipe loads as a TrainConfig whose metrics ports are the ports the pods
     declare; reward Deployments' commands parse and load through `diffrl reward serve`'s config."""
     import diffrl.reward_servers.cli
-
     from diffrl.cli import build_parser
     from diffrl.config import load_config
     from diffrl.schema import TrainConfig
@@ -214,8 +213,6 @@ def test_manifests_run_valid_diffrl_commands_and_recipes(monkeypatch):
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pydantic v1-style fields inside ray.serve
 def test_rayservice_serve_config_matches_ray_serve_schema():
-    from diffrl.reward_servers.cli import serve_schema
-    from diffrl.reward_servers.serve import dict_to_overrides
     from ray.serve.config import AutoscalingConfig
     from ray.serve.schema import (
         DeploymentSchema,
@@ -224,6 +221,8 @@ def test_rayservice_serve_config_matches_ray_serve_schema():
     )
 
     from diffrl.config import load_config
+    from diffrl.reward_servers.cli import serve_schema
+    from diffrl.reward_servers.serve import dict_to_overrides
 
     (svc,) = [d for _, d in manifests() if d["kind"] == "RayService"]
     serve_cfg = yaml.safe_load(svc["spec"]["serveConfigV2"])

@@ -6,7 +6,6 @@ import itertools
 import cv2
 import numpy as np
 import pytest
-from diffrl.models import shapes_world
 
 from diffrl.evaluation import (
     FEATURE_DIM,
@@ -21,6 +20,7 @@ from diffrl.evaluation import (
     held_out_image_metrics,
     shapes_features,
 )
+from diffrl.models import shapes_world
 
 
 @pytest.fixture(scope="module")

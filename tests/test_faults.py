@@ -16,14 +16,14 @@ from typing import Self
 import numpy as np
 import pytest
 import torch
-from diffrl.proto import experience_pb2, reward_pb2
-from diffrl.proto.bus import ExperienceConsumer, ExperienceProducer, RetryPolicy, ledger_snapshot
-from diffrl.proto.codec import tensor_to_proto
-from diffrl.reward_servers.client import Group, RewardClientConfig, RewardEndpointConfig, SyncRewardClient
 from prometheus_client import REGISTRY
 from test_reward_servers import ServerProc
 
 from diffrl.embedded_redis import EmbeddedRedis, connect
+from diffrl.proto import experience_pb2, reward_pb2
+from diffrl.proto.bus import ExperienceConsumer, ExperienceProducer, RetryPolicy, ledger_snapshot
+from diffrl.proto.codec import tensor_to_proto
+from diffrl.reward_servers.client import Group, RewardClientConfig, RewardEndpointConfig, SyncRewardClient
 
 IMAGES = [np.full((8, 8, 3), (20, 20, 230), np.uint8)] * 2
 PROMPT = "a blue square"

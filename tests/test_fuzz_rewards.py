@@ -18,13 +18,14 @@ import httpx
 import numpy as np
 import psutil
 import pytest
-from diffrl.models.shapes_world import all_prompts, render_prompt
-from diffrl.proto import reward_pb2
-from diffrl.reward_servers.images import encode_png
 from google.protobuf import json_format
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_reward_servers import ServerProc
+
+from diffrl.models.shapes_world import all_prompts, render_prompt
+from diffrl.proto import reward_pb2
+from diffrl.reward_servers.images import encode_png
 
 pytestmark = pytest.mark.slow
 

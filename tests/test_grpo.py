@@ -15,9 +15,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
+
 from diffrl.actors.config import SamplerConfig
 from diffrl.actors.prompts import PromptSource
 from diffrl.actors.sampler import Sampler
+from diffrl.config import ConfigError, load_config
+from diffrl.embedded_redis import EmbeddedRedis
 from diffrl.learner.algorithms.grpo import GRPO, GRPOConfig
 from diffrl.learner.config import LearnerConfig
 from diffrl.learner.learner import Learner
@@ -30,10 +34,6 @@ from diffrl.proto.bus import ExperienceConsumer, ExperienceProducer
 from diffrl.proto.codec import tensor_from_proto
 from diffrl.reward_servers.client import GroupScores
 from diffrl.reward_servers.scorers import get_scorer
-from prometheus_client import CollectorRegistry
-
-from diffrl.config import ConfigError, load_config
-from diffrl.embedded_redis import EmbeddedRedis
 from diffrl.schema import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,6 +21,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
+from safetensors.torch import load_file
+
+from diffrl.config import ConfigError, load_config
+from diffrl.embedded_redis import EmbeddedRedis, connect
 from diffrl.learner import checkpoint as ckpt
 from diffrl.learner import metrics as M
 from diffrl.learner.algorithms.crd import CRD
@@ -32,11 +37,6 @@ from diffrl.proto import experience_pb2
 from diffrl.proto.bus import ExperienceProducer
 from diffrl.proto.codec import tensor_to_proto
 from diffrl.proto.weight_sync import LocalWeightChannel
-from prometheus_client import CollectorRegistry
-from safetensors.torch import load_file
-
-from diffrl.config import ConfigError, load_config
-from diffrl.embedded_redis import EmbeddedRedis, connect
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (3, 16, 16)
@@ -167,7 +167,7 @@ def test_steps_through_the_bus_publish_versions_and_metrics(model_dir, bus, tmp_
     learner = make_learner(model_dir, small_config(), publisher=channel, registry=registry)
     learner.connect_bus(r, stream=stream)
     assert learner.consumer.consumer_name == "learner-0"
-    assert learner.deepspeed_config()["gradient_accumulation_steps"] == 3  # T x 1 chunk
+    assert learner.engine.gradient_accumulation_steps() == 3  # T x 1 chunk
     theta0 = learner.theta_state_dict()
     for _ in range(6):
         producer.publish(make_group(version=0))
@@ -218,7 +218,7 @@ def test_micro_chunks_do_not_change_the_gradient(model_dir):
     results = []
     for micro in (0, 1):
         learner = make_learner(model_dir, small_config(micro_groups=micro, grad_clip=0.0))
-        assert learner.deepspeed_config()["gradient_accumulation_steps"] == 3 * (1 if micro == 0 else 2)
+        assert learner.engine.gradient_accumulation_steps() == 3 * (1 if micro == 0 else 2)
         stats = learner.train_on_groups(groups)
         assert learner.engine.global_steps == 1
         results.append((stats, learner.theta_state_dict()))
@@ -257,7 +257,7 @@ def test_anchor_only_levels_add_only_the_kl_anchor(model_dir):
     cfg = small_config(grad_clip=0.0, crd__num_noise_levels=1, crd__num_anchor_levels=2, crd__top_fraction=0.3,
                        crd__kl_cfg_scale=1.0)
     learner = make_learner(model_dir, cfg)
-    assert learner.deepspeed_config()["gradient_accumulation_steps"] == 3
+    assert learner.engine.gradient_accumulation_steps() == 3
     stats = learner.train_on_groups([make_group(seed=21), make_group(seed=22)])
     assert learner.engine.global_steps == 1
     assert stats["anchor_kl_mean"] < 1e-10 and stats["kl_loss"] < 1e-10
@@ -424,7 +424,7 @@ def test_lora_trains_only_adapter_weights(model_dir, tmp_path):
     channel = LocalWeightChannel()
     learner = make_learner(model_dir, small_config(lora__enabled=True, checkpoint_every=1), run_dir=tmp_path / "run",
                            publisher=channel)
-    names = learner._train_names
+    names = learner.nets.trained["theta"].names
     assert names and all(".lora_" in n for n in names)
     assert any("attn.to_q" in n for n in names) and any("attn.add_k_proj" in n for n in names)
     anchor0 = {k: v.clone() for k, v in learner.anchor.state_dict().items()}

@@ -4,6 +4,7 @@ weights, locally written tokenizer, no downloads)."""
 import numpy as np
 import pytest
 import torch
+
 from diffrl.models.adapter import FlowModel, PromptEmbeds
 from diffrl.models.tiny_sd3 import DEFAULT_WORDS, TinySD3Arch, build_tiny_sd3, write_clip_tokenizer
 

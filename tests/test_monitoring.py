@@ -6,11 +6,10 @@ import json
 import os
 import time
 
-from diffrl.learner.metrics import LearnerMetrics
 from prometheus_client import CollectorRegistry, generate_latest
 
 from diffrl.cli import main
-from diffrl.local_stack import free_port
+from diffrl.learner.metrics import LearnerMetrics
 from diffrl.monitoring import (
     EvalMetrics,
     prometheus_targets,
@@ -24,6 +23,7 @@ from diffrl.status import (
     collect_status,
     format_status,
 )
+from diffrl.utils import free_port
 
 ENDPOINTS = {
     "learner_metrics": "http://10.0.0.1:9101/metrics",

@@ -25,8 +25,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from diffrl.models.tiny_sd3 import TinySD3Arch, build_tiny_sd3
 
+from diffrl.models.tiny_sd3 import TinySD3Arch, build_tiny_sd3
 from diffrl.status import FINISHED, RUNNING, collect_status, format_status
 
 pytestmark = pytest.mark.slow

@@ -10,6 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from grpc_tools import protoc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from diffrl.proto import experience_pb2, tensor_pb2, weights_pb2
 from diffrl.proto.codec import (
     DTYPES,
@@ -28,9 +32,6 @@ from diffrl.proto.codec import (
     weight_update_to_bytes,
     weight_update_to_proto,
 )
-from grpc_tools import protoc
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -335,18 +336,22 @@ def test_check_tensor_proto_does_not_decode():
 
 
 def test_generated_code_is_fresh(tmp_path, monkeypatch):
-    """Fails when proto/*_pb2.py(i) differ from what `make proto` generates from proto/*.proto."""
-    monkeypatch.chdir(REPO)  # `make proto` runs from the repo root with -I .
-    protos = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "proto").glob("*.proto"))
+    """Fails when proto/*_pb2.py(i) differ from what `make proto` (scripts/gen-proto.sh) generates:
+    proto/*.proto compiled as diffrl/proto/*.proto, so the code imports and registers diffrl names."""
+    tree = tmp_path / "tree"
+    (tree / "diffrl").mkdir(parents=True)
+    (tree / "diffrl" / "proto").symlink_to(REPO / "proto")
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.chdir(tree)
+    protos = sorted(f"diffrl/proto/{p.name}" for p in (REPO / "proto").glob("*.proto"))
     assert protos, "no proto/*.proto files"
-    rc = protoc.main(
-        ["grpc_tools.protoc", "-I", ".", f"--python_out={tmp_path}", f"--pyi_out={tmp_path}", *protos]
-    )
+    rc = protoc.main(["grpc_tools.protoc", "-I", ".", f"--python_out={out}", f"--pyi_out={out}", *protos])
     assert rc == 0, "protoc failed"
-    generated = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*_pb2.py*")}
+    generated = {p.relative_to(out / "diffrl").as_posix() for p in out.rglob("*_pb2.py*")}
     committed = {p.relative_to(REPO).as_posix() for p in (REPO / "proto").glob("*_pb2.py*")}
     assert generated == committed, "generated files and committed files differ: run `make proto`"
     stale = [
-        name for name in sorted(generated) if (tmp_path / name).read_bytes() != (REPO / name).read_bytes()
+        name for name in sorted(generated) if (out / "diffrl" / name).read_bytes() != (REPO / name).read_bytes()
     ]
     assert not stale, f"stale generated code (run `make proto`): {stale}"

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import redis
 import torch
+
+from diffrl.embedded_redis import EmbeddedRedis, connect, find_redis_server, redis_url_or_embedded
 from diffrl.proto import experience_pb2, tensor_pb2
 from diffrl.proto.bus import ExperienceConsumer, ExperienceProducer, stream_backlog
 from diffrl.proto.codec import group_to_bytes, tensor_from_proto, tensor_to_proto
-
-from diffrl.embedded_redis import EmbeddedRedis, connect, find_redis_server, redis_url_or_embedded
 
 REPO = Path(__file__).resolve().parents[1]
 

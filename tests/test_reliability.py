@@ -28,12 +28,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from diffrl.proto.bus import ledger_snapshot
 from test_reward_servers import ServerProc
 
 from diffrl.config import load_config
 from diffrl.embedded_redis import EmbeddedRedis, connect
 from diffrl.job import train
+from diffrl.proto.bus import ledger_snapshot
 from diffrl.schema import TrainConfig
 
 pytestmark = pytest.mark.slow

@@ -9,13 +9,13 @@ import time
 
 import httpx
 import pytest
+
+from diffrl.config import ConfigError, load_config
 from diffrl.models.shapes_world import render_prompt, train_prompts
 from diffrl.proto import reward_pb2
 from diffrl.reward_servers.config import RewardServerConfig
 from diffrl.reward_servers.images import encode_png
-
-from diffrl.config import ConfigError, load_config
-from diffrl.local_stack import LocalRewardServer
+from diffrl.reward_servers.process import LocalRewardServer
 
 LATENCY_MS, JITTER_MS = 400.0, 50.0
 PROTO = {"content-type": "application/x-protobuf"}

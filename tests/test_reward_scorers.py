@@ -18,6 +18,10 @@ import cv2
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper
+from PIL import Image
+
+from diffrl.config import ConfigError
 from diffrl.models.shapes_world import all_prompts, render_prompt
 from diffrl.reward_servers.batching import MicroBatcher, score_robustly
 from diffrl.reward_servers.bench import draw_faces, render_word
@@ -26,10 +30,6 @@ from diffrl.reward_servers.scorers import get_scorer, make_options, scorer_names
 from diffrl.reward_servers.scorers.base import Scorer
 from diffrl.reward_servers.scorers.detector import count_score
 from diffrl.reward_servers.scorers.ocr import levenshtein, ocr_score, target_text
-from onnx import TensorProto, helper
-from PIL import Image
-
-from diffrl.config import ConfigError
 
 HAS_TESSERACT = shutil.which("tesseract") is not None
 

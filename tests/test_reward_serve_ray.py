@@ -10,6 +10,7 @@ import tempfile
 
 import httpx
 import pytest
+
 from diffrl.models.shapes_world import all_prompts, render_prompt
 from diffrl.reward_servers.client import RewardClientConfig, RewardEndpointConfig, SyncRewardClient
 from diffrl.reward_servers.scorers import get_scorer
@@ -27,8 +28,9 @@ def _free_port() -> int:
 def serve_url():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
-    from diffrl.reward_servers.serve import build_app
     from ray import serve
+
+    from diffrl.reward_servers.serve import build_app
 
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's unix socket paths are length-limited
     port = _free_port()

@@ -20,6 +20,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
+
 from diffrl.models.shapes_world import all_prompts, render_prompt
 from diffrl.proto import reward_pb2
 from diffrl.reward_servers.client import (
@@ -31,10 +33,9 @@ from diffrl.reward_servers.client import (
     SyncRewardClient,
 )
 from diffrl.reward_servers.images import encode_png
+from diffrl.reward_servers.process import LocalRewardServer
 from diffrl.reward_servers.scorers import get_scorer
-from prometheus_client import REGISTRY
-
-from diffrl.local_stack import LocalRewardServer, free_port
+from diffrl.utils import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -401,8 +402,9 @@ def test_failed_reward_fails_the_group_never_zero(servers):
 
 def test_ray_serve_config_file_is_valid_and_builds():
     import yaml
-    from diffrl.reward_servers.serve import build_app, dict_to_overrides
     from ray.serve.schema import ServeDeploySchema
+
+    from diffrl.reward_servers.serve import build_app, dict_to_overrides
 
     spec = yaml.safe_load((REPO / "deploy/serve/rewards.yaml").read_text())
     apps = ServeDeploySchema.model_validate(spec).applications

@@ -6,9 +6,11 @@ import time
 
 import pytest
 import torch
+
 from diffrl.actors.config import SamplerConfig
 from diffrl.actors.prompts import PromptSource
 from diffrl.actors.sampler import Sampler, sample_seeds
+from diffrl.embedded_redis import EmbeddedRedis
 from diffrl.models.adapter import FlowModel
 from diffrl.models.config import SamplingConfig
 from diffrl.models.shapes_world import train_prompts
@@ -17,9 +19,8 @@ from diffrl.proto.bus import ExperienceConsumer, ExperienceProducer
 from diffrl.proto.codec import tensor_from_proto
 from diffrl.proto.weight_sync import LocalWeightChannel
 from diffrl.reward_servers.client import RewardClientConfig, RewardEndpointConfig, SyncRewardClient
-
-from diffrl.embedded_redis import EmbeddedRedis
-from diffrl.local_stack import LocalRewardServer, free_port
+from diffrl.reward_servers.process import LocalRewardServer
+from diffrl.utils import free_port
 
 K, G = 4, 2
 
@@ -149,8 +150,9 @@ def test_lora_update_is_applied_exactly(tmp_path):
     """A kind=lora update (peft naming, as the learner publishes) gives the sampler the same denoiser."""
     import copy
 
-    from diffrl.models.lora import LoraConfig, inject_lora
     from peft import get_peft_model_state_dict
+
+    from diffrl.models.lora import LoraConfig, inject_lora
 
     pipe = build_tiny_sd3(TinySD3Arch(num_layers=1, num_heads=2, head_dim=16, text_hidden=32, text_projection=16),
                           tmp_path / "w")

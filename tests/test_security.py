@@ -22,14 +22,14 @@ import psutil
 import pytest
 import redis
 import torch
-from diffrl.proto import experience_pb2
-from diffrl.proto.bus import ExperienceConsumer, ExperienceProducer, ledger_snapshot
-from diffrl.proto.codec import tensor_to_proto
-from diffrl.reward_servers.config import RewardServerConfig
 from test_reward_servers import ServerProc
 
 from diffrl.config import ConfigError, describe, load_config
 from diffrl.embedded_redis import EmbeddedRedis, connect, redact_url
+from diffrl.proto import experience_pb2
+from diffrl.proto.bus import ExperienceConsumer, ExperienceProducer, ledger_snapshot
+from diffrl.proto.codec import tensor_to_proto
+from diffrl.reward_servers.config import RewardServerConfig
 from diffrl.schema import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,9 +97,10 @@ def test_no_module_unpickles_or_imports_pickle():
 
 def test_weights_load_from_safetensors_only(tmp_path):
     """A model folder whose weights are only a pickled .bin is refused, not unpickled."""
+    from safetensors.torch import load_file
+
     from diffrl.models.adapter import FlowModel
     from diffrl.models.tiny_sd3 import TinySD3Arch, build_tiny_sd3
-    from safetensors.torch import load_file
 
     pipe = build_tiny_sd3(TinySD3Arch(num_layers=1, num_heads=2, head_dim=16, text_hidden=32, text_projection=16),
                           tmp_path / "work")

@@ -7,6 +7,7 @@ from collections import Counter
 import cv2
 import numpy as np
 import pytest
+
 from diffrl.models import shapes_world as sw
 from diffrl.models.shapes_world import SceneObject
 from diffrl.reward_servers.scorers import shapes as S

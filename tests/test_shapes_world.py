@@ -8,6 +8,7 @@ from collections import Counter
 import cv2
 import numpy as np
 import pytest
+
 from diffrl.models import shapes_world as sw
 from diffrl.models.shapes_world import Clause, SceneObject
 

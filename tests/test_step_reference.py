@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import step_reference as ref
 import torch
+
 from diffrl.learner import networks
 
 DOUBLE_BLEND = {"nft", "crd_lora_shared_noise"}
@@ -52,9 +53,10 @@ def test_steps_reproduce_the_pre_seam_numbers(case, model_dir, monkeypatch):
 
 
 def test_an_ema_role_is_blended_once(model_dir):
+    from prometheus_client import CollectorRegistry
+
     from diffrl.learner.learner import Learner
     from diffrl.models.adapter import FlowModel
-    from prometheus_client import CollectorRegistry
 
     cfg = ref.base_config(ref.CASES["nft"])
     cfg.nft.old_ema.slope = 0.3  # d(1) = 0.3

@@ -31,6 +31,8 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+
+from diffrl.config import require
 from diffrl.learner.advantages import STD_MODES, advantages
 from diffrl.learner.algorithms.base import (
     EMA,
@@ -52,8 +54,6 @@ from diffrl.learner.losses import (
 )
 from diffrl.learner.noise_levels import anchor_noise_levels, interpolate, noise_levels, velocity_target
 from diffrl.models.sde import _compute_dtype
-
-from diffrl.config import require
 
 Tensor = torch.Tensor
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+
+from diffrl.config import require
 from diffrl.learner.algorithms.base import (
     EMA,
     Algorithm,
@@ -51,8 +53,6 @@ from diffrl.models.sde import (
     sde_std,
     sde_step_mean_std,
 )
-
-from diffrl.config import require
 
 Tensor = torch.Tensor
 

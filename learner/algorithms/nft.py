@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from diffrl.config import require
 from diffrl.learner.advantages import STD_MODES, advantages
 from diffrl.learner.algorithms.base import (
     EMA,
@@ -30,8 +32,6 @@ from diffrl.learner.ema import EMASchedule
 from diffrl.learner.losses import adaptive_weight, kl_anchor, per_sample_mean
 from diffrl.learner.noise_levels import interpolate, noise_levels, velocity_target
 from diffrl.models.sde import _compute_dtype
-
-from diffrl.config import require
 
 Tensor = torch.Tensor
 

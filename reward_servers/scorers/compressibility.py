@@ -18,10 +18,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from diffrl.reward_servers.scorers.base import Details, Scorer, check_lengths
 from PIL import Image
 
 from diffrl.config import require
+from diffrl.reward_servers.scorers.base import Details, Scorer, check_lengths
 
 
 @dataclass

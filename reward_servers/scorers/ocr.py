@@ -39,10 +39,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from diffrl.reward_servers.scorers.base import Details, Scorer, check_lengths
 from PIL import Image
 
 from diffrl.config import require
+from diffrl.reward_servers.scorers.base import Details, Scorer, check_lengths
 
 _QUOTED = re.compile(r'"([^"]*)"')
 _CURLY = str.maketrans({"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"'})

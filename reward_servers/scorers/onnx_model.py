@@ -29,9 +29,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from diffrl.reward_servers.scorers.base import Details, Scorer, check_lengths
 
 from diffrl.config import require
+from diffrl.reward_servers.scorers.base import Details, Scorer, check_lengths
 
 
 @dataclass

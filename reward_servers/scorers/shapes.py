@@ -55,6 +55,7 @@ from functools import lru_cache
 
 import cv2
 import numpy as np
+
 from diffrl.models.shapes_world import BACKGROUND, COLORS, Clause, parse_prompt
 
 OFF_PALETTE = "other"

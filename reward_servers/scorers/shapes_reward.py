@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+
+from diffrl.config import require
 from diffrl.models.shapes_world import parse_prompt
 from diffrl.reward_servers.scorers import shapes
 from diffrl.reward_servers.scorers.base import Details, Scorer, check_lengths
-
-from diffrl.config import require
 
 _FIELDS = ("strict", "partial", "count", "color", "shape", "jaccard", "num_objects")
 _SCORES = ("strict", "partial", "count", "color", "shape", "jaccard")

@@ -1,6 +1,6 @@
-"""Pieces of the embedded local stack: reward servers started as local processes.
-
-(The embedded Redis lives in diffrl/embedded_redis.py; the local Ray is started by the job driver.)
+"""A reward server as a local child process (``python -m diffrl.reward_servers serve NAME``): the one
+launcher of the embedded stack (``diffrl train`` without reward URLs), the reward benchmark and the
+tests. (The embedded Redis lives in diffrl/embedded_redis.py; the local Ray is started by the job.)
 """
 
 from __future__ import annotations
@@ -21,16 +21,20 @@ from diffrl.utils import free_port
 
 class LocalRewardServer:
     """``diffrl reward serve NAME`` as a child process on 127.0.0.1, its output in ``log_path``.
-    ``env`` is laid over this process's environment; a value of None removes that variable."""
+    ``env`` is laid over this process's environment (OMP_NUM_THREADS=1 unless it says otherwise); a
+    value of None removes that variable. ``cpus``: pin the server to these CPUs (before it starts any
+    thread, so they all inherit the mask)."""
 
     def __init__(self, name: str, args: Sequence[str] = (), port: int | None = None,
-                 log_path: str | Path | None = None, env: dict[str, str | None] | None = None):
+                 log_path: str | Path | None = None, env: dict[str, str | None] | None = None,
+                 cpus: Sequence[int] = ()):
         self.name = name
         self.args = list(args)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path) if log_path else Path(f"/tmp/diffrl-reward-{name}-{self.port}.log")
         self.env = env
+        self.cpus = list(cpus)
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> LocalRewardServer:
@@ -42,6 +46,8 @@ class LocalRewardServer:
                 [sys.executable, "-m", "diffrl.reward_servers", "serve", self.name, "--host", "127.0.0.1",
                  "--port", str(self.port), *self.args],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        if self.cpus:
+            os.sched_setaffinity(self.proc.pid, self.cpus)
         return self
 
     def output(self) -> str:
