@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -37,6 +36,7 @@ from diffrl.proto import experience_pb2
 from diffrl.proto.bus import ExperienceProducer
 from diffrl.proto.codec import tensor_to_proto
 from diffrl.proto.weight_sync import LocalWeightChannel
+from diffrl.utils import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (3, 16, 16)
@@ -524,12 +524,6 @@ RANK_SCRIPT = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [0, 3])
 def test_two_ranks_identical_theta(model_dir, bus, redis_server, tmp_path, zero_stage):
@@ -544,7 +538,7 @@ def test_two_ranks_identical_theta(model_dir, bus, redis_server, tmp_path, zero_
     script.write_text(RANK_SCRIPT)
     out = tmp_path / "out"
     out.mkdir()
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import yaml
 
 from diffrl.models.tiny_sd3 import TinySD3Arch, build_tiny_sd3
 from diffrl.status import FINISHED, RUNNING, collect_status, format_status
+from diffrl.utils import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -38,12 +38,6 @@ RUN_NAME = "ops"
 TRAIN_SECONDS = 20
 # Grafana's variables, as the test substitutes them (all runs, all rewards; rate windows of 30 scrapes).
 GRAFANA_VARS = {"$__rate_interval": "30s", "$__interval": "5s", "$run": ".*", "$reward": ".*"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def dashboard_queries() -> dict[str, str]:

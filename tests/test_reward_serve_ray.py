@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 
 import httpx
@@ -14,14 +13,9 @@ import pytest
 from diffrl.models.shapes_world import all_prompts, render_prompt
 from diffrl.reward_servers.client import RewardClientConfig, RewardEndpointConfig, SyncRewardClient
 from diffrl.reward_servers.scorers import get_scorer
+from diffrl.utils import free_port
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +27,7 @@ def serve_url():
     from diffrl.reward_servers.serve import build_app
 
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's unix socket paths are length-limited
-    port = _free_port()
+    port = free_port()
     own_ray = not ray.is_initialized()  # another test module may have started Ray in this session
     if own_ray:
         ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
