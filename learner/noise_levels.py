@@ -3,6 +3,9 @@ sampler's (shifted) grid or continuously, x_σ = (1 − σ)·x0 + σ·ε and the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 from diffrl.config import require
@@ -133,3 +136,28 @@ def interpolate(x0: Tensor, eps: Tensor, sigma: Tensor | float) -> Tensor:
 def velocity_target(x0: Tensor, eps: Tensor) -> Tensor:
     """Flow-matching target u = ε − x0 (d x_σ / dσ). Shapes ``[N, ...]``."""
     return eps - x0  # [N, ...]
+
+
+@dataclass
+class NoisedChunk:
+    """One micro-chunk of a batch's groups at one noise level: what a velocity-space loss takes."""
+
+    x_t: Tensor
+    """``[n, C, H, W]`` x_σ = (1 − σ)·x0 + σ·ε of the chunk's n = g·K samples (group-major)."""
+    u: Tensor
+    """``[n, C, H, W]`` the target velocity ε − x0."""
+    sigma: Tensor
+    """``[n]`` σ of each sample."""
+    cond: Any
+    """The prompt embeddings of the n samples (each group's repeated K times)."""
+
+
+def noised_chunk(x0: Tensor, eps: Tensor, idx: Tensor, sigma: float, cond_groups, device) -> NoisedChunk:
+    """The forward process for groups ``idx`` of a ``[G, K, C, H, W]`` batch ``x0`` with noise ``eps``
+    (same shape), at level ``sigma``; ``cond_groups``: the batch's prompt embeddings, one per group."""
+    K = x0.shape[1]
+    x0_c = x0[idx].flatten(0, 1).to(device)  # [n, C, H, W]
+    eps_c = eps[idx].flatten(0, 1).to(device)  # [n, C, H, W]
+    sig = torch.full((x0_c.shape[0],), sigma, device=device)  # [n]
+    return NoisedChunk(x_t=interpolate(x0_c, eps_c, sig), u=velocity_target(x0_c, eps_c), sigma=sig,
+                       cond=cond_groups[idx.tolist()].repeat_interleave(K))

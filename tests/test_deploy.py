@@ -250,4 +250,11 @@ def test_ray_cluster_config_validates_against_rays_schema():
     validate_config(prepare_config(cfg))
     assert "DIFFRL_METRICS_HOST=0.0.0.0" in " ".join(cfg["worker_start_ray_commands"])
     env = yaml.safe_load((DEPLOY / "ray" / "runtime_env.yaml").read_text())
-    assert set(env) == {"env_vars"} and env["env_vars"]["DIFFRL_METRICS_HOST"] == "0.0.0.0"
+    assert set(env) == {"env_vars", "excludes"} and env["env_vars"]["DIFFRL_METRICS_HOST"] == "0.0.0.0"
+    from ray.runtime_env import RuntimeEnv
+
+    RuntimeEnv(**env)  # Ray's own check of the fields
+    # the package folders stay out of the working_dir (on a worker's sys.path they would shadow
+    # proto-plus and the installed diffrl)
+    assert {f"/{name}/" for name in ("diffrl", "actors", "learner", "models", "proto", "reward_servers")} <= \
+        set(env["excludes"])

@@ -24,7 +24,7 @@ What an algorithm declares:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -241,7 +241,3 @@ def _import_shipped() -> None:
     for info in pkgutil.iter_modules(algorithms.__path__):
         if info.name != "base":
             importlib.import_module(f"{algorithms.__name__}.{info.name}")
-
-
-def iter_roles(roles: list[Role], kind: type) -> Iterator:
-    return (r for r in roles if isinstance(r, kind))

@@ -52,7 +52,7 @@ from diffrl.learner.losses import (
     pearson,
     per_sample_mean,
 )
-from diffrl.learner.noise_levels import anchor_noise_levels, interpolate, noise_levels, velocity_target
+from diffrl.learner.noise_levels import anchor_noise_levels, noise_levels, noised_chunk
 from diffrl.models.sde import _compute_dtype
 
 Tensor = torch.Tensor
@@ -477,25 +477,19 @@ class CRD(Algorithm):
                 eps_all = torch.randn(G, K, *x0.shape[2:], generator=ctx.generator)  # [G, K, C, H, W]
             for idx in ctx.chunks:
                 m_c = mask[idx]  # [g, K]
-                n = m_c.numel()
-                x0_c = x0[idx].flatten(0, 1).to(dev)  # [n, C, H, W]
-                eps_c = eps_all[idx].flatten(0, 1).to(dev)  # [n, C, H, W]
-                sig = torch.full((n,), sigma, device=dev)  # [n]
-                x_t = interpolate(x0_c, eps_c, sig)  # [n, C, H, W]
-                u = velocity_target(x0_c, eps_c)  # [n, C, H, W]
-                cond = cond_groups[idx.tolist()].repeat_interleave(K)
+                ch = noised_chunk(x0, eps_all, idx, sigma, cond_groups, dev)  # x_t, u [n, C, H, W]
                 with torch.no_grad(), ctx.autocast():
                     v_old = None if anchor_only else model.velocity(
-                        x_t, sig, cond, transformer=ctx.net("p_old")).float()  # [n, C, H, W]
+                        ch.x_t, ch.sigma, ch.cond, transformer=ctx.net("p_old")).float()  # [n, C, H, W]
                     v_anchor = None if not use_kl else model.guided_velocity(
-                        x_t, sig, cond, c.kl_cfg_scale, transformer=ctx.net("anchor"),
-                        uncond=model.empty_embeds(n)).float()  # [n, C, H, W]
-                v_theta = model.velocity(x_t, sig, cond, transformer=ctx.net("theta"))  # [n, C, H, W] grad
+                        ch.x_t, ch.sigma, ch.cond, c.kl_cfg_scale, transformer=ctx.net("anchor"),
+                        uncond=model.empty_embeds(m_c.numel())).float()  # [n, C, H, W]
+                v_theta = model.velocity(ch.x_t, ch.sigma, ch.cond, transformer=ctx.net("theta"))  # [n, ...] grad
                 m_dev = m_c.to(dev) if batch.padded else None
                 if anchor_only:
                     loss, st = crd_anchor_loss(v_theta, v_anchor, a_tilde[idx].to(dev), c, m_dev)
                 else:
-                    loss, st = crd_step_loss(v_theta, v_old, u, a_tilde[idx].to(dev), c, v_anchor, m_dev)
+                    loss, st = crd_step_loss(v_theta, v_old, ch.u, a_tilde[idx].to(dev), c, v_anchor, m_dev)
                 share = float(m_c.sum()) / batch.n_valid  # this chunk's share of the rank's mean
                 ctx.backward("theta", loss, share)
                 ctx.log(st, share)

@@ -30,7 +30,7 @@ from diffrl.learner.algorithms.base import (
 )
 from diffrl.learner.ema import EMASchedule
 from diffrl.learner.losses import adaptive_weight, kl_anchor, per_sample_mean
-from diffrl.learner.noise_levels import interpolate, noise_levels, velocity_target
+from diffrl.learner.noise_levels import noise_levels, noised_chunk
 from diffrl.models.sde import _compute_dtype
 
 Tensor = torch.Tensor
@@ -207,20 +207,14 @@ class NFT(Algorithm):
             eps_all = torch.randn(G, K, *x0.shape[2:], generator=ctx.generator)  # [G, K, C, H, W]
             for idx in ctx.chunks:
                 m_c = mask[idx]  # [g, K]
-                n = m_c.numel()
-                x0_c = x0[idx].flatten(0, 1).to(dev)  # [n, C, H, W]
-                eps_c = eps_all[idx].flatten(0, 1).to(dev)  # [n, C, H, W]
-                sig = torch.full((n,), sigma, device=dev)  # [n]
-                x_t = interpolate(x0_c, eps_c, sig)  # [n, C, H, W]
-                u = velocity_target(x0_c, eps_c)  # [n, C, H, W]
-                cond = cond_groups[idx.tolist()].repeat_interleave(K)
+                ch = noised_chunk(x0, eps_all, idx, sigma, cond_groups, dev)  # x_t, u [n, C, H, W]
                 with torch.no_grad(), ctx.autocast():
-                    v_old = model.velocity(x_t, sig, cond, transformer=ctx.net("p_old")).float()
+                    v_old = model.velocity(ch.x_t, ch.sigma, ch.cond, transformer=ctx.net("p_old")).float()
                     v_ref = None if c.beta_kl <= 0 else model.velocity(
-                        x_t, sig, cond, transformer=ctx.net("anchor")).float()
-                v_theta = model.velocity(x_t, sig, cond, transformer=ctx.net("theta"))  # [n, C, H, W] grad
+                        ch.x_t, ch.sigma, ch.cond, transformer=ctx.net("anchor")).float()
+                v_theta = model.velocity(ch.x_t, ch.sigma, ch.cond, transformer=ctx.net("theta"))  # [n, ...] grad
                 flat = m_c.reshape(-1).nonzero().squeeze(1).to(dev) if batch.padded else slice(None)
-                loss, st = nft_step_loss(v_theta[flat], v_old[flat], u[flat],
+                loss, st = nft_step_loss(v_theta[flat], v_old[flat], ch.u[flat],
                                          weight_r[idx].reshape(-1).to(dev)[flat], c,
                                          None if v_ref is None else v_ref[flat])
                 share = float(m_c.sum()) / batch.n_valid
