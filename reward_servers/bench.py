@@ -177,7 +177,7 @@ class _Server:
             cfg.name, [f"execution.threads={cfg.threads}", "limits.max_items=1024", *cfg.server],
             log_path=self.log.name, env={"OMP_NUM_THREADS": str(cfg.threads), "DIFFRL_REWARD_TOKEN": None},
             cpus=_cpus(cfg.server_cpus)).start()
-        self.port, self.url = self.server.port, self.server.url
+        self.port, self.url, self.pid = self.server.port, self.server.url, self.server.proc.pid
         try:
             self.server.wait_ready(timeout=90)
         except Exception:
@@ -298,7 +298,7 @@ def bench_reward(cfg: RewardBenchConfig) -> dict:
             _pin(cfg.client_cpus)
             for enc, bodies, ctype in (("protobuf", proto_bodies, "application/x-protobuf"),
                                        ("json", json_bodies, "application/json")):
-                ips, ipc, lat = asyncio.run(_http(cfg, server.url, bodies, ctype, server.proc.pid))
+                ips, ipc, lat = asyncio.run(_http(cfg, server.url, bodies, ctype, server.pid))
                 runs[f"http_{enc}"].append(ips)
                 per_cpu[f"http_{enc}"].append(ipc)
                 latency[enc].append(lat)

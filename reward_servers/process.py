@@ -39,7 +39,7 @@ class LocalRewardServer:
 
     def start(self) -> LocalRewardServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, OMP_NUM_THREADS="1", **(self.env or {}))
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **(self.env or {})}
         env = {k: v for k, v in env.items() if v is not None}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -426,3 +427,15 @@ def test_cli_refuses_bad_config_with_the_field_name():
     r = subprocess.run([PY, "-m", "diffrl.reward_servers", "serve", "shapes", "limits.max_items=0"],
                        cwd=REPO, check=False, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "limits.max_items" in r.stderr
+
+
+def test_reward_bench_runs_in_process_and_over_http_through_the_shared_launcher(tmp_path):
+    """`diffrl bench reward` (its server comes from reward_servers.process, like the job's) on a tiny load."""
+    from diffrl.reward_servers.bench import RewardBenchConfig, bench_reward, format_report
+
+    out = tmp_path / "bench.json"
+    r = bench_reward(RewardBenchConfig(name="compressibility", batch_size=4, batches=2, min_seconds=0.2, warmup=1,
+                                       repeats=1, concurrency=1, output=str(out)))
+    assert set(r["images_per_s"]) == {"in_process", "in_process_with_decode", "http_protobuf", "http_json"}
+    assert all(v > 0 for v in r["images_per_s"].values()) and r["request_bytes"]["protobuf"] > 0
+    assert json.loads(out.read_text())["reward"] == "compressibility" and format_report(r).startswith("| compressibility")
