@@ -238,8 +238,8 @@ def grad_agreement(args: argparse.Namespace) -> None:
 
 
 def pass_at_k(args: argparse.Namespace) -> None:
-    from diffrl.evaluation import split_prompts
     from diffrl.models.pretrain import load_base
+    from diffrl.models.shapes_world import split_prompts
     from diffrl.reward_servers.scorers import shapes as shapes_scorer
 
     torch.set_num_threads(args.threads)

@@ -10,13 +10,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from diffrl.config import require
 from diffrl.learner.algorithms import base as algorithms
+from diffrl.models.lora import SD3_ATTENTION_TARGETS, LoraConfig  # noqa: F401 - part of the learner config
 
 DTYPES = ("auto", "float32", "bfloat16")
 DEVICES_HINT = "auto|cpu|cuda[:N]"
-
-from diffrl.config import require
-from diffrl.models.lora import SD3_ATTENTION_TARGETS, LoraConfig  # noqa: F401 - part of the learner config
 
 
 @dataclass

@@ -43,7 +43,7 @@ from diffrl.learner.config import LearnerConfig
 from diffrl.learner.metrics import LearnerMetrics
 from diffrl.learner.networks import Networks
 from diffrl.learner.stats import StatsAccumulator, step_stats
-from diffrl.learner.stream import TRAINED_GROUPS_FILE, StreamLoop
+from diffrl.learner.stream import StreamLoop
 from diffrl.proto import experience_pb2
 from diffrl.utils import resolve_device, resolve_dtype
 
@@ -51,9 +51,6 @@ log = logging.getLogger(__name__)
 
 Tensor = torch.Tensor
 Group = experience_pb2.Group
-
-__all__ = ["TRAINED_GROUPS_FILE", "Learner", "resolve_device"]
-
 
 class StepRun:
     """The context of one learner step (the :class:`~diffrl.learner.algorithms.base.StepContext` an
@@ -147,7 +144,7 @@ class Learner(StreamLoop, Checkpointing):
 
         torch.manual_seed(config.seed)  # identical LoRA init on every rank (DeepSpeed broadcasts θ anyway)
         self.nets = Networks(self.algorithm.roles(), model.transformer, config, self.deepspeed_config,
-                             lambda spec: spec.lr if spec.lr is not None else config.lr, self.is_lora)
+                             lambda spec: spec.lr if spec.lr is not None else config.lr)
 
         self.step = 0
         """Optimizer steps taken = version of the latest p_samp."""
@@ -272,10 +269,14 @@ class Learner(StreamLoop, Checkpointing):
         return experience.decode(groups, self.model.latent_shape, self.config.reward_weights,
                                  self.algorithm.record, self.step, self._sample_problem)
 
-    def step_context(self) -> StepRun:
-        """A context like the one of the next step (for diagnostics that run the algorithm's forward
-        passes without training, e.g. ``GRPO.log_ratios``)."""
-        chunks = [c for c in torch.arange(self.groups_per_rank).tensor_split(self.num_chunks) if len(c)]
+    def step_context(self, num_groups: int | None = None) -> StepRun:
+        """The context of the next step on ``num_groups`` groups (default: this rank's share): the
+        step's generator and micro-chunks. Also for diagnostics that run the algorithm's forward passes
+        without training (e.g. ``GRPO.log_ratios``)."""
+        G = self.groups_per_rank if num_groups is None else num_groups
+        chunks = [c for c in torch.arange(G).tensor_split(self.num_chunks) if len(c)]
+        if len(chunks) != self.num_chunks:
+            raise RuntimeError("empty micro-chunk")
         gen = torch.Generator().manual_seed(distributed.step_seed(self.config.seed, self.step, self.rank))
         return StepRun(self, gen, chunks)
 
@@ -290,11 +291,7 @@ class Learner(StreamLoop, Checkpointing):
         version_before = self.step
         batch = self.decode(groups)
         G = len(groups)
-        chunks = [c for c in torch.arange(G).tensor_split(self.num_chunks) if len(c)]
-        if len(chunks) != self.num_chunks:
-            raise RuntimeError("empty micro-chunk")
-        gen = torch.Generator().manual_seed(distributed.step_seed(self.config.seed, version_before, self.rank))
-        run = StepRun(self, gen, chunks)
+        run = self.step_context(G)
         result: StepResult = self.algorithm.step(batch, run)
         for role, net in self.nets.trained.items():
             if net.engine.global_steps != version_before + 1:

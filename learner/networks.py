@@ -107,11 +107,11 @@ class Snapshot:
 class Networks:
     """Builds and holds the roles' networks (in the order the algorithm declares them)."""
 
-    def __init__(self, roles: list[Role], base: nn.Module, config, deepspeed_config, lr_of, lora: bool):
+    def __init__(self, roles: list[Role], base: nn.Module, config, deepspeed_config, lr_of):
         """``base``: the loaded denoiser (frozen); ``deepspeed_config(spec)``: the engine config of a
         trainable role; ``lr_of(spec)``: its learning rate."""
         self.config = config
-        self.lora = lora
+        self.lora = config.lora.enabled
         self.base = base
         self.base.requires_grad_(False).eval()
         self.trained: dict[str, TrainedNet] = {}

@@ -26,8 +26,6 @@ log = logging.getLogger("diffrl.learner.learner")
 
 Group = experience_pb2.Group
 
-TRAINED_GROUPS_FILE = run_folder.TRAINED_GROUPS
-"""Run-folder file listing every committed trained group (``group_id<TAB>step``)."""
 
 
 class StreamLoop:
@@ -197,7 +195,7 @@ class StreamLoop:
     @property
     def trained_groups_file(self) -> Path | None:
         """``RUN_DIR/trained_groups.txt``: ``group_id<TAB>step`` per committed trained group."""
-        return None if self.run_dir is None else self.run_dir / TRAINED_GROUPS_FILE
+        return None if self.run_dir is None else self.run_dir / run_folder.TRAINED_GROUPS
 
     def _append_trained(self, group_ids: Sequence[str], step: int) -> None:
         if not group_ids or self.run_dir is None:

@@ -24,6 +24,7 @@ What an algorithm declares:
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
@@ -169,10 +170,6 @@ class Algorithm:
                     f"true when learner.algorithm={cls.name} (it trains on the per-step records of the "
                     "SDE sampler; also set sampler.sampling.sde_noise_level > 0)", sampler.record_log_probs)
 
-    # ------------------------------------------------------------ derived from roles()
-    def trainable_roles(self) -> list[Trainable]:
-        return [r for r in self.roles() if isinstance(r, Trainable)]
-
     def check_roles(self) -> None:
         """The declared roles are consistent (called when the learner is built)."""
         roles = self.roles()
@@ -231,8 +228,9 @@ def get(name: str) -> type[Algorithm]:
     return found
 
 
+@functools.cache
 def _import_shipped() -> None:
-    """Import every module of this package: each shipped algorithm file registers itself."""
+    """Import every module of this package once: each shipped algorithm file registers itself."""
     import importlib
     import pkgutil
 

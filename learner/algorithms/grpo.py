@@ -40,6 +40,7 @@ from diffrl.learner.algorithms.base import (
     Trainable,
     register,
 )
+from diffrl.learner.batch import extra_tensor
 from diffrl.learner.losses import per_sample_mean
 
 # The SDE step itself lives in models/sde.py: the sampler draws and records it with the same code
@@ -291,8 +292,6 @@ class GRPO(Algorithm):
 
     def sample_problem(self, sample, model) -> str | None:
         """The record was sampled with this config's schedule, noise level and CFG scale."""
-        from diffrl.learner.batch import extra_tensor
-
         c = self.config
         sigmas = extra_tensor(sample, "sigmas").to(torch.float64)
         if len(sigmas) != c.num_sampling_steps + 1:
