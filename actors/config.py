@@ -24,8 +24,6 @@ class SamplerConfig:
     log-probabilities of the sampling policy, the noise levels, the noise level a and the CFG scale
     (keys in models/sde.py; ~S+1 latents per sample). Needs sampling.sde_noise_level > 0; required by
     learner.algorithm=grpo, which recomputes the log-probs under θ for the PPO ratio."""
-    prompt_split: str = "train"
-    """Prompt split the samplers draw from (train; eval prompts are never trained on)."""
     max_pending_groups: int = 32
     """Backpressure: a sampler waits while the stream holds more unconsumed groups than this."""
     backpressure_poll_s: float = 0.2
@@ -36,6 +34,10 @@ class SamplerConfig:
     (0 = no pause). Counted in diffrl_sampler_masked_backoff_seconds_total."""
     masked_backoff_max_s: float = 30.0
     """Longest pause after all-masked rounds, seconds."""
+    max_masked_rounds: int = 20
+    """A sampler gives up after this many rounds in a row whose groups were all masked (every prompt
+    refused, or a reward down through every retry and backoff), with the last reason; when every
+    sampler has given up the job fails with that reason instead of waiting forever (0 = never)."""
     num_cpus: float = 1.0
     """CPUs Ray reserves for each sampler actor."""
     num_gpus: float = 0.0
@@ -53,13 +55,14 @@ class SamplerConfig:
         require(self.num_samplers >= 1, "num_samplers", "an int >= 1", self.num_samplers)
         require(self.k >= 2, "k", "an int >= 2 (centering needs at least two samples per prompt)", self.k)
         require(self.groups_per_round >= 1, "groups_per_round", "an int >= 1", self.groups_per_round)
-        require(self.prompt_split in ("train", "eval", "all"), "prompt_split", "train|eval|all", self.prompt_split)
         require(self.max_pending_groups >= 1, "max_pending_groups", "an int >= 1", self.max_pending_groups)
         require(self.backpressure_poll_s > 0, "backpressure_poll_s", "seconds > 0")
         require(self.masked_backoff_s >= 0, "masked_backoff_s", "seconds >= 0", self.masked_backoff_s)
         require(self.masked_backoff_max_s >= self.masked_backoff_s, "masked_backoff_max_s",
                 "seconds >= masked_backoff_s", self.masked_backoff_max_s)
         require(self.num_cpus >= 0 and self.num_gpus >= 0, "num_cpus", "non-negative resources")
+        require(self.max_masked_rounds >= 0, "max_masked_rounds", "an int >= 0 (0 = never give up)",
+                self.max_masked_rounds)
         require(self.torch_threads >= 1, "torch_threads", "an int >= 1", self.torch_threads)
         require(self.max_restarts >= -1, "max_restarts", "an int >= -1 (-1: forever)")
         require(self.metrics_port >= -1, "metrics_port", "a port, 0 or -1")

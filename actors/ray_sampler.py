@@ -1,5 +1,8 @@
 """The sampler as a Ray actor: a thin shell that builds a :class:`diffrl.actors.sampler.Sampler` inside the
-actor process. Configs cross the process boundary as YAML text and are re-validated on arrival."""
+actor process. Configs cross the process boundary as YAML text and are re-validated on arrival; the
+training prompts (``diffrl.data.PromptItem``, loaded and checked once by the driver) are one object in
+Ray's object store that every sampler reads, so a large prompt file is neither re-read on every node
+nor copied into each spec."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 from diffrl.actors.config import SamplerConfig
 from diffrl.config import load_config_text
+from diffrl.data import PromptItem
 from diffrl.models.config import ModelConfig
 from diffrl.models.lora import LoraConfig
 from diffrl.proto.bus import RetryPolicy
@@ -47,7 +51,7 @@ class SamplerSpec:
     """The learner's LoRA settings (adapters published as kind=lora are applied with them)."""
 
 
-def build_sampler(spec: SamplerSpec):
+def build_sampler(spec: SamplerSpec, prompts: list[PromptItem]):
     """A ready :class:`Sampler` (model loaded, reward client, producer, weight channel, metrics)."""
     import torch
 
@@ -56,7 +60,6 @@ def build_sampler(spec: SamplerSpec):
     from diffrl.actors.sampler import Sampler
     from diffrl.embedded_redis import connect
     from diffrl.models.adapter import FlowModel
-    from diffrl.models.shapes_world import split_prompts
     from diffrl.proto.bus import ExperienceProducer
     from diffrl.reward_servers.client import SyncRewardClient
 
@@ -69,17 +72,18 @@ def build_sampler(spec: SamplerSpec):
         from diffrl.proto.weight_sync import RayWeightChannel
 
         weights = RayWeightChannel(spec.weights_channel)
-    prompts = PromptSource(split_prompts(spec.sampler.prompt_split), spec.shard_index, spec.num_shards,
-                           seed=spec.sampler.seed)
-    return Sampler(spec.sampler_id, spec.sampler, model, SyncRewardClient(spec.rewards), producer, prompts,
+    source = PromptSource(prompts, spec.shard_index, spec.num_shards, seed=spec.sampler.seed)
+    return Sampler(spec.sampler_id, spec.sampler, model, SyncRewardClient(spec.rewards), producer, source,
                    weights=weights, metrics=SamplerMetrics(spec.sampler_id), lora=spec.lora)
 
 
 class SamplerActor:
     """Body of the Ray actor (created with max_concurrency=2 so ``stop`` reaches a running ``run``)."""
 
-    def __init__(self, spec_yaml: str):
+    def __init__(self, spec_yaml: str, prompts: list[PromptItem]):
         self.spec = load_config_text(SamplerSpec, spec_yaml)
+        if not prompts or not all(isinstance(p, PromptItem) for p in prompts):
+            raise TypeError("SamplerActor: prompts must be a non-empty list of diffrl.data.PromptItem")
         self.metrics_port = self.metrics_host = None
         if self.spec.sampler.metrics_port >= 0:
             import ray
@@ -89,7 +93,7 @@ class SamplerActor:
             server, _ = start_http_server(self.spec.sampler.metrics_port, addr=host)
             self.metrics_port = server.server_port
             self.metrics_host = ray.util.get_node_ip_address() if host in ("0.0.0.0", "::") else host
-        self.sampler = build_sampler(self.spec)
+        self.sampler = build_sampler(self.spec, prompts)
 
     def run(self, max_rounds: int | None = None) -> int:
         return self.sampler.run(max_rounds)
@@ -104,23 +108,26 @@ class SamplerActor:
         s = self.sampler
         return {"sampler_id": s.id, "version": s.version, "rounds": s.rounds, "published": s.published,
                 "busy_seconds": s.busy_seconds, "paused_seconds": s.paused_seconds,
-                "masked_backoffs": s.masked_backoffs, "masked_backoff_seconds": s.masked_backoff_seconds,
+                "masked_backoffs": s.masked_backoffs, "masked_rounds_in_row": s.masked_rounds_in_row, "masked_backoff_seconds": s.masked_backoff_seconds,
                 "bus_retries": getattr(s.sink, "retries_total", 0),
                 "incarnation": s.incarnation, "pid": os.getpid(), "metrics_port": self.metrics_port,
                 "metrics_host": self.metrics_host}
 
 
-def spawn_samplers(specs: list[SamplerSpec], cfg: SamplerConfig, runtime_env: dict | None = None):
-    """Start one Ray actor per spec (restarted by Ray on failure) and return their handles."""
+def spawn_samplers(specs: list[SamplerSpec], cfg: SamplerConfig, prompts: list[PromptItem],
+                   runtime_env: dict | None = None):
+    """Start one Ray actor per spec (restarted by Ray on failure) over the training ``prompts`` and
+    return their handles."""
     import ray
 
     from diffrl.config import to_yaml
 
     actor_cls = ray.remote(SamplerActor)
+    prompts_ref = ray.put(list(prompts))  # one copy in the object store, read by every sampler
     handles = []
     for spec in specs:
         handles.append(actor_cls.options(
             name=spec.sampler_id, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=cfg.max_restarts,
             max_task_retries=0, max_concurrency=2, runtime_env=runtime_env,
-        ).remote(to_yaml(spec)))
+        ).remote(to_yaml(spec), prompts_ref))
     return handles

@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -77,12 +77,14 @@ def sample_seeds(seed: int, sampler_id: str, incarnation: str, round_index: int,
     return [int(s) & 0x7FFFFFFF for s in np.random.SeedSequence(key).generate_state(n, dtype=np.uint32)]
 
 
+class MaskedRoundsError(RuntimeError):
+    """A sampler gave up: ``sampler.max_masked_rounds`` rounds in a row had every group masked."""
+
+
 class Sampler:
     def __init__(self, sampler_id: str, cfg: SamplerConfig, model: FlowModel, scorer: GroupScorer,
                  sink: GroupSink, prompts: PromptSource, weights: WeightSource | None = None,
-                 metrics: SamplerMetrics | None = None,
-                 prompt_metadata: Callable[[str], Mapping[str, str]] | None = None,
-                 lora: LoraConfig | None = None):
+                 metrics: SamplerMetrics | None = None, lora: LoraConfig | None = None):
         self.id = sampler_id
         self.cfg = cfg
         self.model = model
@@ -91,7 +93,6 @@ class Sampler:
         self.prompts = prompts
         self.weights = weights
         self.metrics = metrics or SamplerMetrics(sampler_id)
-        self.prompt_metadata = prompt_metadata or (lambda prompt: {})
         self.lora = lora or LoraConfig()  # must match the learner's when it trains LoRA adapters
         self.incarnation = uuid.uuid4().hex[:12]  # group ids stay unique across actor restarts
         self.version = 0  # p_samp version in use; 0 = the base model
@@ -102,6 +103,8 @@ class Sampler:
         self.masked_backoffs = 0  # pauses after all-masked rounds
         self.masked_backoff_seconds = 0.0
         self._next_backoff = cfg.masked_backoff_s
+        self.masked_rounds_in_row = 0
+        self.last_mask_reason = ""
         self._stop = threading.Event()
         self.metrics.version.set(self.version)
 
@@ -157,7 +160,8 @@ class Sampler:
         stages["weights"] = time.perf_counter() - t
 
         cfg, k = self.cfg, self.cfg.k
-        prompts = self.prompts.take(cfg.groups_per_round)
+        items = self.prompts.take(cfg.groups_per_round)
+        prompts = [item.prompt for item in items]
         flat_prompts = [p for p in prompts for _ in range(k)]
         seeds = sample_seeds(cfg.seed, self.id, self.incarnation, self.rounds, len(flat_prompts))
         version = self.version
@@ -179,7 +183,7 @@ class Sampler:
         stages["decode"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        metadata = [dict(self.prompt_metadata(p)) for p in prompts]
+        metadata = [dict(item.metadata) for item in items]
         requests = [RewardGroup(images=list(images[g * k:(g + 1) * k]), prompt=p, metadata=metadata[g])
                     for g, p in enumerate(prompts)]
         scores = self.scorer.score_groups(requests)
@@ -203,7 +207,7 @@ class Sampler:
             outcome = scores[g]
             if not outcome.ok:
                 group.masked = True
-                group.mask_reason = str(outcome.failure)
+                group.mask_reason = self.last_mask_reason = str(outcome.failure)
                 kind = getattr(outcome.failure, "kind", "error")
                 self.metrics.masked.labels(self.id, kind).inc()
                 result.masked += 1
@@ -261,10 +265,23 @@ class Sampler:
         self.metrics.masked_backoff_seconds.inc(paused)
         return paused
 
+    def check_progress(self, result: RoundResult) -> None:
+        """Count rounds in a row whose groups were all masked; raise :class:`MaskedRoundsError` with the
+        last reason once there are ``max_masked_rounds`` of them."""
+        if result.groups == 0:
+            return
+        self.masked_rounds_in_row = self.masked_rounds_in_row + 1 if result.masked == result.groups else 0
+        limit = self.cfg.max_masked_rounds
+        if limit and self.masked_rounds_in_row >= limit:
+            raise MaskedRoundsError(f"sampler {self.id}: every group of the last {self.masked_rounds_in_row} "
+                                    f"rounds was masked; last reason: {self.last_mask_reason}")
+
     def run(self, max_rounds: int | None = None) -> int:
         """Sample until stopped (or ``max_rounds``). Returns the rounds done."""
         done = 0
         while not self.stopped and (max_rounds is None or done < max_rounds):
-            self.backoff_after(self.run_round())
+            result = self.run_round()
+            self.check_progress(result)
+            self.backoff_after(result)
             done += 1
         return done

@@ -79,6 +79,7 @@ def score(model, x0, prompts):
 
 def lockstep(args: argparse.Namespace) -> None:
     from diffrl.config import load_config
+    from diffrl.data import load_prompt_set
     from diffrl.evaluation import evaluate
     from diffrl.job import trained_learner_config
     from diffrl.learner.learner import Learner
@@ -109,7 +110,7 @@ def lockstep(args: argparse.Namespace) -> None:
             sc = score(model, x0, flat)
             log(step=step, kind="eval_trained_prompts", strict=float(np.mean([x.strict for x in sc])),
                 count=float(np.mean([x.count for x in sc])), partial=float(np.mean([x.partial for x in sc])))
-        m = evaluate(model, eval_cfg, transformer=learner.p_samp)
+        m = evaluate(model, eval_cfg, load_prompt_set("shapes:eval"), transformer=learner.p_samp)
         log(step=step, kind="eval", **{k: m[k] for k in ("strict", "count", "color", "shape", "fid_shapes",
                                                          "off_palette")})
 
@@ -148,6 +149,7 @@ def lockstep(args: argparse.Namespace) -> None:
 
 
 def self_sft(args: argparse.Namespace) -> None:
+    from diffrl.data import load_prompt_set
     from diffrl.evaluation import EvalConfig, evaluate
     from diffrl.models import shapes_world
     from diffrl.models.pretrain import load_base
@@ -160,7 +162,7 @@ def self_sft(args: argparse.Namespace) -> None:
 
     def evaluation(step: int) -> None:
         net.eval()
-        m = evaluate(model, eval_cfg, transformer=net)
+        m = evaluate(model, eval_cfg, load_prompt_set("shapes:eval"), transformer=net)
         log(step=step, kind="eval", **{k: m[k] for k in ("strict", "count", "fid_shapes", "off_palette")})
 
     evaluation(0)
@@ -259,6 +261,7 @@ def pass_at_k(args: argparse.Namespace) -> None:
 
 
 def snapshot_eval(args: argparse.Namespace) -> None:
+    from diffrl.data import load_prompt_set
     from diffrl.evaluation import EvalConfig, evaluate
     from diffrl.learner import checkpoint as ckpt
     from diffrl.models.pretrain import load_base
@@ -279,7 +282,8 @@ def snapshot_eval(args: argparse.Namespace) -> None:
             sys.exit(f"{folder}: {args.snapshot} does not hold the whole UNet (a LoRA run?); snapshot-eval reads "
                      f"full fine-tunes ({len(set(state) & set(expected))} of {len(expected)} tensors match)")
         model.transformer.load_state_dict(state)
-    m = evaluate(model, EvalConfig(seeds_per_prompt=args.seeds, grid_prompts=0, guidance_scale=1.0))
+    m = evaluate(model, EvalConfig(seeds_per_prompt=args.seeds, grid_prompts=0, guidance_scale=1.0),
+                 load_prompt_set("shapes:eval"))
     Log(args.out)(kind="snapshot_eval", checkpoint=args.checkpoint or "base", snapshot=args.snapshot if args.checkpoint
                   else "base", seeds=args.seeds, **{k: m[k] for k in ("strict", "count", "color", "shape",
                                                                        "fid_shapes", "off_palette", "images")})

@@ -338,7 +338,8 @@ def run_sync_loop(cfg: TrainConfig, reward_latency_ms: float = 0.0) -> dict:
                            stream=cfg.redis.stream, consumer_group=cfg.redis.consumer_group,
                            bus_retry=cfg.redis.retry, weights_channel="", model=cfg.model, sampler=scfg,
                            rewards=rewards, lora=lcfg.lora)
-        sampler = build_sampler(spec)
+        train_prompts, _ = cfg.data.load()
+        sampler = build_sampler(spec, train_prompts.items)
         sampler.weights = channel  # in-process: the learner's published p_samp, loaded at each round
         stack.callback(sampler.scorer.close)
 

@@ -3,7 +3,8 @@
 Every command that takes a config reads an optional YAML recipe and ``key.sub=value`` overrides::
 
     diffrl pretrain deploy/configs/pretrain-shapes.yaml time_budget_s=300
-    diffrl eval --model assets/shapes-base --split eval eval.guidance_scale=4
+    diffrl eval --model assets/shapes-base --prompts shapes:eval eval.guidance_scale=4
+    diffrl eval --model runs/my-run --prompts my_prompts.jsonl
     diffrl bench sampler sampling.num_steps=20
     diffrl report runs/shapes-crd runs/shapes-grpo --out report
 
@@ -22,8 +23,8 @@ from pathlib import Path
 from diffrl import run_folder
 from diffrl.config import format_help, load_config, run_command
 
-# Library defaults that matter for a CPU/offline service; users can still override them.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Library defaults that matter for a CPU service; users can still override them. The hub is used
+# unless the user sets HF_HUB_OFFLINE=1 (model.path may be a hub id; docs/training.md).
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -71,7 +72,7 @@ def _interrupt_on_sigterm() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from diffrl.job import train
+    from diffrl.job import NoProgressError, train
     from diffrl.schema import TrainConfig
 
     extra = [f"run.resume={args.resume}"] if args.resume else []
@@ -80,7 +81,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe = str(Path(args.resume) / run_folder.CONFIG)  # a resumed run keeps its recipe
     cfg = load_config(TrainConfig, recipe, [*overrides, *extra])
     _interrupt_on_sigterm()
-    run_dir = train(cfg)
+    try:
+        run_dir = train(cfg)
+    except NoProgressError as err:
+        print(f"diffrl: the job stopped: {err}", file=sys.stderr)
+        return 1
     summary = json.loads((run_dir / run_folder.SUMMARY).read_text())
     print(f"run folder: {run_dir}")
     for key in ("eval_start", "eval_end"):
@@ -91,38 +96,99 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------- eval
 def _eval_schema():
-    from diffrl.evaluation import EvalCommandConfig
+    from diffrl.schema import EvalCommandConfig
 
     return EvalCommandConfig
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from diffrl.evaluation import evaluate
-    from diffrl.models.adapter import FlowModel
+def is_run_path(path: str) -> bool:
+    """A run folder (with checkpoints/) or one of its checkpoint folders, rather than a model folder."""
+    p = Path(path)
+    return (p / run_folder.CHECKPOINTS).is_dir() or (p.name.startswith("step_") and p.parent.name == run_folder.CHECKPOINTS)
 
-    extra = []
-    if args.model:
-        extra.append(f"model.path={args.model}")
-    if args.split:
-        extra.append(f"eval.split={args.split}")
-    cfg = load_from_args(_eval_schema(), args, extra)
-    model = FlowModel.from_config(cfg.model)
-    out = Path(cfg.output_dir)
-    metrics = evaluate(model, cfg.eval, grid_path=out / f"grid_{cfg.eval.split}.png")
+
+def _run_eval_recipe(path: str, out: Path) -> Path:
+    """An eval recipe from a run's config.yaml: its model, held-out prompts, rewards and eval settings."""
+    from diffrl.config import load_config, to_yaml
+    from diffrl.export import resolve_checkpoint
+    from diffrl.schema import EvalCommandConfig, TrainConfig
+
+    run_dir, _ = resolve_checkpoint(path)
+    run = load_config(TrainConfig, run_dir / run_folder.CONFIG)
+    recipe = out / "eval_recipe.yaml"
     out.mkdir(parents=True, exist_ok=True)
+    recipe.write_text(to_yaml(EvalCommandConfig(model=run.model, prompts=run.data.eval, rewards=run.rewards,
+                                                eval=run.eval, output_dir=str(out))))
+    return recipe
+
+
+def load_eval_config(args: argparse.Namespace):
+    """The eval config: a run folder given as --model supplies its own recipe unless one is given."""
+    recipe, overrides = split_recipe(list(args.config))
+    extra = []
+    if args.split:
+        extra.append(f"prompts=shapes:{args.split}")
+    if args.prompts:
+        extra.append(f"prompts={args.prompts}")
+    run_path = args.model if args.model and is_run_path(args.model) else None
+    if args.model and not run_path:
+        extra.append(f"model.path={args.model}")
+    if run_path and recipe is None:
+        probe = load_config(_eval_schema(), None, overrides)  # where the user wants the output
+        recipe = str(_run_eval_recipe(run_path, Path(probe.output_dir)))
+    return load_config(_eval_schema(), recipe, [*overrides, *extra]), run_path
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from diffrl.data import load_field
+    from diffrl.evaluation import evaluate
+    from diffrl.job import _start_rewards
+    from diffrl.models.adapter import FlowModel
+    from diffrl.reward_servers.client import SyncRewardClient
+
+    cfg, run_path = load_eval_config(args)
+    prompt_set = load_field(cfg.prompts, "prompts")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if run_path:
+        from diffrl.export import load_run_model
+
+        model = load_run_model(run_path, step=args.step, weights="p_samp", device=cfg.model.device,
+                               dtype=cfg.model.dtype)
+    else:
+        model = FlowModel.from_config(cfg.model)
+    grid = out / "grid.png"
+    with contextlib.ExitStack() as stack:
+        scorer = None
+        if cfg.rewards:
+            client_cfg = _start_rewards(cfg, out, stack)
+            scorer = stack.enter_context(contextlib.closing(SyncRewardClient(client_cfg)))
+        metrics = evaluate(model, cfg.eval, prompt_set, scorer, [r.name for r in cfg.rewards], grid_path=grid)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print_metrics(f"{cfg.model.path} on the {cfg.eval.split} split (cfg {cfg.eval.guidance_scale}, "
-                  f"{cfg.eval.num_steps} steps)", metrics)
-    print(f"image grid: {out / f'grid_{cfg.eval.split}.png'}")
+    what = run_path or cfg.model.path
+    print_metrics(f"{what} on {cfg.prompts} (cfg {cfg.eval.guidance_scale}, {cfg.eval.num_steps} steps)", metrics)
+    print(f"image grid: {grid}")
     return 0
 
 
 def print_metrics(title: str, metrics: dict[str, float]) -> None:
     print(title)
-    for key in ("strict", "count", "color", "shape", "partial"):
-        print(f"  {key:<8} {metrics[key]:.3f}")
-    by_n = {k: v for k, v in metrics.items() if k.startswith("strict_")}
-    print("  " + "  ".join(f"{k.removeprefix('strict_')}={v:.2f}" for k, v in by_n.items()))
+    for key, value in metrics.items():
+        if key.startswith("reward_") and not key.endswith("_sem"):
+            name = key.removeprefix("reward_")
+            sem = metrics.get(f"{key}_sem", 0.0)
+            rate = f"  pass rate {metrics[f'pass_{name}']:.3f}" if f"pass_{name}" in metrics else ""
+            print(f"  reward {name:<14} {value:.3f} ± {sem:.3f} (standard error){rate}")
+    if metrics.get("eval_groups_masked"):
+        print(f"  {int(metrics['eval_groups_masked'])} prompt groups could not be scored (see the warnings)")
+    if "strict" in metrics:
+        print("  shapes-world detector:")
+        for key in ("strict", "count", "color", "shape", "partial"):
+            print(f"    {key:<8} {metrics[key]:.3f}")
+        by_n = {k: v for k, v in metrics.items() if k.startswith("strict_")}
+        print("    " + "  ".join(f"{k.removeprefix('strict_')}={v:.2f}" for k, v in by_n.items()))
     if "fidelity" in metrics:
         print(f"  fidelity {metrics['fidelity']:.3f} (pixels that are background or a palette colour)")
     if "fid_shapes" in metrics:
@@ -194,11 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, TrainConfig)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="held-out accuracy of a model on the shapes world, and an image grid",
-                       description="Sample fixed (prompt, seed) pairs, score them with the shapes "
-                                   "detector, print per-clause and strict accuracy, write a grid.")
-    p.add_argument("--model", help="model folder (same as model.path=...)")
-    p.add_argument("--split", choices=("eval", "train", "all"), help="prompt split (eval.split=...)")
+    p = sub.add_parser("eval", help="held-out rewards of a model (or a run's weights), and a captioned grid",
+                       description="Sample fixed (prompt, seed) pairs of a prompt set, score them through the "
+                                   "rewards' servers (started locally unless they have urls), print each reward's "
+                                   "mean, standard error and pass rate (plus the detector and fidelity metrics "
+                                   "on the shapes world), and write a grid captioned with prompts and scores. "
+                                   "--model RUN_DIR (or RUN_DIR/checkpoints/step_N) evaluates a run's p_samp "
+                                   "with the run's own held-out prompts and rewards.")
+    p.add_argument("--model", help="a diffusers model folder or hub id (model.path=...), a run folder or a "
+                                   "checkpoint folder")
+    p.add_argument("--step", type=int, help="with a run folder: the checkpoint step (default: the latest)")
+    p.add_argument("--prompts", help="prompt set: shapes:eval|shapes:train|shapes:all or a .txt/.jsonl file")
+    p.add_argument("--split", choices=("eval", "train", "all"), help="shorthand for --prompts shapes:SPLIT")
     add_config_args(p, _eval_schema())
     p.set_defaults(func=cmd_eval)
 
@@ -233,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_status(sub)
     register_report(sub)
+    __import__("diffrl.export").export.register(sub)  # diffrl export
     for register in _plugins():
         register(sub, bench)
     return parser

@@ -1,35 +1,41 @@
-"""Held-out evaluation on the shapes world: sample fixed (prompt, seed) pairs, score them with the
-GenEval-like detector, measure how much the pictures still look like the world (``fidelity`` /
-``off_palette``, ``fid_shapes`` against ground-truth renders of the same pairs, within-prompt
-``diversity``), and write an image grid. Never optimized: the prompts of the ``eval`` split are
-absent from training, and seeds are fixed so runs and checkpoints are comparable. The metrics are
-documented in docs/shapes_world.md ("Held-out image metrics")."""
+"""Held-out evaluation: sample fixed (prompt, seed) pairs of the held-out prompt set (``data.eval``)
+with p_samp, score them through the run's reward servers (each reward's mean, its standard error,
+and its pass rate where the reward defines one), and write an image grid captioned with each
+image's prompt and scores. Never optimized: held-out prompts are absent from training, and seeds are
+fixed so runs and checkpoints are comparable.
+
+On the shapes world's built-in sets the world's own metrics come on top: the GenEval-like detector's
+accuracies, how much the pictures still look like the world (``fidelity`` / ``off_palette``,
+``fid_shapes`` against ground-truth renders of the same pairs) and within-prompt ``diversity``
+(docs/shapes_world.md, "Held-out image metrics")."""
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from diffrl.config import require
+from diffrl.data import PromptItem, PromptSet
 from diffrl.models import shapes_world
 from diffrl.models.adapter import FlowModel
-from diffrl.models.config import ModelConfig
-from diffrl.models.shapes_world import split_prompts
+from diffrl.reward_servers.client import Group as RewardGroup
+from diffrl.reward_servers.client import GroupScores
 from diffrl.reward_servers.scorers import shapes as shapes_scorer
 
-SPLITS = ("eval", "train", "all")
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class EvalConfig:
-    split: str = "eval"
-    """Prompt split: eval (held out from training), train, or all."""
     seeds_per_prompt: int = 4
     """Samples per prompt, each with a fixed seed."""
     seed: int = 20_000
@@ -45,10 +51,9 @@ class EvalConfig:
     grid_prompts: int = 12
     """Prompts (rows) shown in the image grid; columns are the seeds."""
     max_prompts: int = 0
-    """Evaluate only the first N prompts of the split (0 = all); for quick checks."""
+    """Evaluate only the first N prompts of the held-out set (0 = all); for quick checks."""
 
     def validate(self) -> None:
-        require(self.split in SPLITS, "split", "|".join(SPLITS), self.split)
         require(self.seeds_per_prompt >= 1, "seeds_per_prompt", "an int >= 1", self.seeds_per_prompt)
         require(self.num_steps >= 1, "num_steps", "an int >= 1", self.num_steps)
         require(self.guidance_scale >= 0, "guidance_scale", "a float >= 0", self.guidance_scale)
@@ -57,25 +62,51 @@ class EvalConfig:
         require(self.max_prompts >= 0, "max_prompts", "an int >= 0", self.max_prompts)
 
 
-@dataclass
-class EvalCommandConfig:
-    """What ``diffrl eval`` reads."""
+class EvalScorer(Protocol):
+    """What evaluation needs of the reward client (``SyncRewardClient`` fits)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """The model to evaluate."""
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    """What to evaluate and how to sample."""
-    output_dir: str = "runs/eval"
-    """Where the image grid and metrics.json are written."""
+    def score_groups(self, groups: Sequence[RewardGroup]) -> list[GroupScores]: ...
+
+    def info(self, name: str) -> dict: ...
 
 
-def eval_pairs(cfg: EvalConfig) -> tuple[list[str], list[int]]:
-    """The fixed (prompt, seed) pairs of an evaluation, prompt-major."""
-    prompts = split_prompts(cfg.split)
-    if cfg.max_prompts:
-        prompts = prompts[: cfg.max_prompts]
-    pairs = [(p, cfg.seed + 1000 * i + j) for i, p in enumerate(prompts) for j in range(cfg.seeds_per_prompt)]
+def eval_pairs(items: Sequence[PromptItem], cfg: EvalConfig) -> tuple[list[PromptItem], list[int]]:
+    """The fixed (item, seed) pairs of an evaluation, prompt-major (``seeds_per_prompt`` per prompt)."""
+    items = list(items)[: cfg.max_prompts] if cfg.max_prompts else list(items)
+    pairs = [(item, cfg.seed + 1000 * i + j) for i, item in enumerate(items) for j in range(cfg.seeds_per_prompt)]
     return [p for p, _ in pairs], [s for _, s in pairs]
+
+
+def reward_metrics(images: np.ndarray, items: Sequence[PromptItem], per_prompt: int, scorer: EvalScorer,
+                   reward_names: Sequence[str]) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Score the images through the reward servers, one group per prompt. Returns the metrics
+    (``reward_<name>`` mean, ``reward_<name>_sem`` its standard error, ``pass_<name>`` the fraction at or
+    above the reward's ``pass_threshold`` where it has one, ``eval_groups_masked``) and each image's
+    scores (NaN where its group could not be scored)."""
+    groups = [RewardGroup(images=list(images[g:g + per_prompt]), prompt=items[g].prompt,
+                          metadata=items[g].metadata) for g in range(0, len(images), per_prompt)]
+    outcomes = scorer.score_groups(groups)
+    per_image = {name: [math.nan] * len(images) for name in reward_names}
+    masked = 0
+    for g, outcome in enumerate(outcomes):
+        if not outcome.ok:
+            masked += 1
+            if masked == 1:
+                log.warning("evaluation: a held-out group was not scored (%s)", outcome.failure)
+            continue
+        for name, values in outcome.scores.items():
+            per_image.setdefault(name, [math.nan] * len(images))[g * per_prompt:(g + 1) * per_prompt] = values
+    metrics: dict[str, float] = {"eval_groups_masked": float(masked)}
+    for name, values in per_image.items():
+        scored = np.array([v for v in values if not math.isnan(v)], dtype=np.float64)
+        if not len(scored):
+            continue
+        metrics[f"reward_{name}"] = float(scored.mean())
+        metrics[f"reward_{name}_sem"] = float(scored.std(ddof=1) / math.sqrt(len(scored))) if len(scored) > 1 else 0.0
+        threshold = scorer.info(name).get("pass_threshold")
+        if threshold is not None:
+            metrics[f"pass_{name}"] = float((scored >= float(threshold)).mean())
+    return metrics, per_image
 
 
 def summarize(scores: Sequence[shapes_scorer.ShapesScore], prompts: Sequence[str]) -> dict[str, float]:
@@ -86,7 +117,6 @@ def summarize(scores: Sequence[shapes_scorer.ShapesScore], prompts: Sequence[str
         "color": float(np.mean([s.color for s in scores])),
         "shape": float(np.mean([s.shape for s in scores])),
         "partial": float(np.mean([s.partial for s in scores])),
-        "images": float(len(scores)),
     }
     totals = np.array([sum(c.count for c in shapes_world.parse_prompt(p)) for p in prompts])
     two_kind = np.array([len(shapes_world.parse_prompt(p)) == 2 for p in prompts])
@@ -249,37 +279,77 @@ def held_out_image_metrics(images: np.ndarray, prompts: Sequence[str], seeds: Se
     return metrics
 
 
-def image_grid(images: np.ndarray, labels: Sequence[str], columns: int, scale: int = 4) -> Image.Image:
-    """uint8 [N, H, W, 3] -> one PIL image, ``columns`` per row, each row labelled on the left."""
+def shapes_world_metrics(images: np.ndarray, prompts: Sequence[str], seeds: Sequence[int]) -> dict[str, float]:
+    """The shapes world's own metrics: detector accuracies (:func:`summarize`) and image metrics."""
+    metrics = summarize(shapes_scorer.score_batch(images, prompts), prompts)
+    metrics.update(held_out_image_metrics(images, prompts, seeds))
+    return metrics
+
+
+WORLD_METRICS = {"shapes": shapes_world_metrics}
+"""Extra metrics of a built-in world's prompt sets (``PromptSet.world``)."""
+
+
+def image_grid(images: np.ndarray, labels: Sequence[str], columns: int, captions: Sequence[str] | None = None,
+               scale: int = 0) -> Image.Image:
+    """uint8 [N, H, W, 3] -> one PIL image, ``columns`` per row, each row labelled with its prompt on
+    the left and each image captioned with ``captions[i]`` (its scores) below it. ``scale``: the
+    upscaling of small images (0: to at least 128 px)."""
     n, h, w, _ = images.shape
+    scale = scale or max(1, 128 // max(h, w))
+    font = ImageFont.load_default()
     rows = (n + columns - 1) // columns
-    label_w, pad = 230, 2
-    cell_h, cell_w = h * scale + pad, w * scale + pad
+    label_w, pad, caption_h = 230, 2, 14 if captions else 0
+    tile_w = max(w * scale, 96 if captions else 0)
+    cell_h, cell_w = h * scale + caption_h + pad, tile_w + pad
     grid = Image.new("RGB", (label_w + columns * cell_w, rows * cell_h), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
-    font = ImageFont.load_default()
     for i in range(n):
         r, c = divmod(i, columns)
         tile = Image.fromarray(images[i]).resize((w * scale, h * scale), Image.NEAREST)
-        grid.paste(tile, (label_w + c * cell_w, r * cell_h))
+        x, y = label_w + c * cell_w, r * cell_h
+        grid.paste(tile, (x, y))
+        if captions:
+            draw.text((x + 1, y + h * scale + 1), captions[i][: tile_w // 6], fill=(0, 0, 0), font=font)
         if c == 0:
-            draw.text((4, r * cell_h + cell_h // 2 - 6), labels[i][:38], fill=(0, 0, 0), font=font)
+            for k, line in enumerate(_wrap(labels[i], 36, 3)):
+                draw.text((4, y + 4 + 12 * k), line, fill=(0, 0, 0), font=font)
     return grid
 
 
-def evaluate(model: FlowModel, cfg: EvalConfig, transformer=None, grid_path: str | Path | None = None
+def _wrap(text: str, width: int, lines: int) -> list[str]:
+    out = [text[i:i + width] for i in range(0, len(text), width)][:lines]
+    return out or [""]
+
+
+def _captions(per_image: dict[str, list[float]], n: int) -> list[str]:
+    return [" ".join(f"{name[:5]} {v[i]:.2f}" if not math.isnan(v[i]) else f"{name[:5]} -"
+                     for name, v in per_image.items()) for i in range(n)]
+
+
+def evaluate(model: FlowModel, cfg: EvalConfig, prompt_set: PromptSet, scorer: EvalScorer | None = None,
+             reward_names: Sequence[str] = (), transformer=None, grid_path: str | Path | None = None
              ) -> dict[str, float]:
-    """Sample the fixed pairs with ``transformer`` (default: the model's), score, write the grid."""
-    prompts, seeds = eval_pairs(cfg)
+    """Sample the fixed pairs of ``prompt_set`` with ``transformer`` (default: the model's), score them
+    through ``scorer`` (the reward servers; None: no rewards), add the world's own metrics, write the
+    captioned grid."""
+    items, seeds = eval_pairs(prompt_set.items, cfg)
+    prompts = [item.prompt for item in items]
     start = time.time()
     images = model.generate(prompts, seeds, num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
                             shift=cfg.shift, transformer=transformer, batch_size=cfg.batch_size)
-    scores = shapes_scorer.score_batch(images, prompts)
-    metrics = summarize(scores, prompts)
-    metrics.update(held_out_image_metrics(images, prompts, seeds))
+    metrics: dict[str, float] = {"images": float(len(images))}
+    per_image: dict[str, list[float]] = {}
+    if scorer is not None and reward_names:
+        reward, per_image = reward_metrics(images, items, cfg.seeds_per_prompt, scorer, reward_names)
+        metrics.update(reward)
+    world = WORLD_METRICS.get(prompt_set.world)
+    if world is not None:
+        metrics.update(world(images, prompts, seeds))
     metrics["seconds"] = time.time() - start
     if grid_path is not None and cfg.grid_prompts:
         shown = cfg.grid_prompts * cfg.seeds_per_prompt
         Path(grid_path).parent.mkdir(parents=True, exist_ok=True)
-        image_grid(images[:shown], prompts[:shown], cfg.seeds_per_prompt).save(grid_path)
+        captions = _captions(per_image, len(images))[:shown] if per_image else None
+        image_grid(images[:shown], prompts[:shown], cfg.seeds_per_prompt, captions).save(grid_path)
     return metrics

@@ -32,6 +32,12 @@ SD_DIR = "prometheus"
 """Folder under run.output_dir with one file_sd file per running run (what prometheus.yml watches)."""
 
 # --- held-out evaluation gauges (exported by learner rank 0)
+EVAL_REWARD = "diffrl_learner_eval_reward"
+"""Gauge (label reward): mean reward of p_samp on the held-out prompts (fixed seeds), as the reward
+servers score it."""
+EVAL_PASS_RATE = "diffrl_learner_eval_pass_rate"
+"""Gauge (label reward): fraction of held-out samples at or above the reward's pass threshold (rewards
+that define one)."""
 EVAL_STRICT_ACCURACY = "diffrl_learner_eval_strict_accuracy"
 """Gauge: GenEval-style strict accuracy of p_samp on the held-out prompts (fixed seeds)."""
 EVAL_CLAUSE_ACCURACY = "diffrl_learner_eval_clause_accuracy"
@@ -75,6 +81,8 @@ class EvalMetrics(PerRegistry):
 
     def __init__(self, registry: CollectorRegistry):
         r = registry
+        self.reward = Gauge(EVAL_REWARD, "Held-out mean reward of p_samp.", ["reward"], registry=r)
+        self.pass_rate = Gauge(EVAL_PASS_RATE, "Held-out pass rate of p_samp.", ["reward"], registry=r)
         self.strict = Gauge(EVAL_STRICT_ACCURACY, "Held-out strict accuracy of p_samp.", registry=r)
         self.clause = Gauge(EVAL_CLAUSE_ACCURACY, "Held-out per-clause accuracy of p_samp.", ["clause"],
                             registry=r)
@@ -93,7 +101,13 @@ class EvalMetrics(PerRegistry):
 
     def observe(self, metrics: dict[str, float], step: int) -> None:
         """Record what :func:`diffrl.evaluation.evaluate` returned at learner step ``step``."""
-        self.strict.set(metrics["strict"])
+        for key, value in metrics.items():
+            if key.startswith("reward_") and not key.endswith("_sem"):
+                self.reward.labels(reward=key.removeprefix("reward_")).set(value)
+            elif key.startswith("pass_"):
+                self.pass_rate.labels(reward=key.removeprefix("pass_")).set(value)
+        if "strict" in metrics:
+            self.strict.set(metrics["strict"])
         for clause in CLAUSES:
             if clause in metrics:
                 self.clause.labels(clause=clause).set(metrics[clause])

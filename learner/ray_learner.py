@@ -9,10 +9,12 @@ import time
 from dataclasses import dataclass, field
 
 from diffrl.config import load_config_text
+from diffrl.data import PromptSet
 from diffrl.evaluation import EvalConfig
 from diffrl.learner.config import LearnerConfig
 from diffrl.models.config import ModelConfig
 from diffrl.proto.bus import RetryPolicy
+from diffrl.reward_servers.client import RewardClientConfig
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,10 @@ class LearnerSpec:
     """Learner settings."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Held-out evaluation settings."""
+    eval_prompts: PromptSet = field(default_factory=PromptSet)
+    """The held-out prompts (data.eval), evaluated on rank 0."""
+    rewards: RewardClientConfig = field(default_factory=RewardClientConfig)
+    """The run's reward servers, which score the held-out samples."""
 
 
 def load_learner_model(learner: LearnerConfig, model: ModelConfig):
@@ -64,7 +70,7 @@ def load_learner_model(learner: LearnerConfig, model: ModelConfig):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     dtype = learner.dtype if learner.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     return FlowModel.from_pretrained(model.path, device=str(device), dtype=dtype,
-                                     max_sequence_length=model.max_sequence_length)
+                                     max_sequence_length=model.max_sequence_length, resolution=model.resolution)
 
 
 class LearnerActor:
@@ -91,6 +97,7 @@ class LearnerActor:
         self.resumed_step = self.learner.resume(spec.run_dir) if spec.resume else None
         if self.resumed_step:
             self.learner.publish()  # samplers continue from the checkpoint's p_samp
+        self._reward_client = None  # opened by the first evaluation
         self.metrics_port = self.metrics_host = None
         if spec.metrics_port >= 0:
             from prometheus_client import start_http_server
@@ -111,12 +118,17 @@ class LearnerActor:
         return None
 
     def evaluate(self, grid_path: str | None = None) -> dict[str, float]:
-        """Held-out accuracy of p_samp (what the samplers use) with the fixed eval seeds; also set as the
-        ``diffrl_learner_eval_*`` gauges of this process's /metrics."""
+        """Held-out rewards of p_samp (what the samplers use) with the fixed eval seeds, scored by the run's
+        reward servers; also set as the ``diffrl_learner_eval_*`` gauges of this process's /metrics."""
         from diffrl.evaluation import evaluate
         from diffrl.monitoring import EvalMetrics
+        from diffrl.reward_servers.client import SyncRewardClient
 
-        metrics = evaluate(self.model, self.spec.eval, transformer=self.learner.p_samp, grid_path=grid_path)
+        if self._reward_client is None and self.spec.rewards.rewards:
+            self._reward_client = SyncRewardClient(self.spec.rewards)
+        names = [r.name for r in self.spec.rewards.rewards]
+        metrics = evaluate(self.model, self.spec.eval, self.spec.eval_prompts, self._reward_client, names,
+                           transformer=self.learner.p_samp, grid_path=grid_path)
         EvalMetrics.for_registry().observe(metrics, step=self.learner.step)
         return metrics
 
@@ -126,6 +138,8 @@ class LearnerActor:
         return self.learner.step
 
     def close(self) -> None:
+        if self._reward_client is not None:
+            self._reward_client.close()
         self.learner.close()
 
     def status(self) -> dict:

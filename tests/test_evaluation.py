@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
+from diffrl.data import load_prompt_set
 from diffrl.evaluation import (
     FEATURE_DIM,
     FEATURE_NAMES,
@@ -25,7 +26,8 @@ from diffrl.models import shapes_world
 
 @pytest.fixture(scope="module")
 def pairs():
-    return eval_pairs(EvalConfig(split="eval", seeds_per_prompt=2))  # 126 (prompt, seed) pairs
+    items, seeds = eval_pairs(load_prompt_set("shapes:eval").items, EvalConfig(seeds_per_prompt=2))
+    return [item.prompt for item in items], seeds  # 126 (prompt, seed) pairs
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +129,7 @@ def test_evaluate_reports_the_image_metrics(tmp_path):
 
     model = FlowModel.from_pretrained("assets/shapes-base", device="cpu")
     cfg = EvalConfig(max_prompts=3, seeds_per_prompt=2, num_steps=4, grid_prompts=3)
-    m = evaluate(model, cfg, grid_path=tmp_path / "grid.png")
+    m = evaluate(model, cfg, load_prompt_set("shapes:eval"), grid_path=tmp_path / "grid.png")
     assert (tmp_path / "grid.png").is_file() and m["images"] == 6
     assert m["off_palette"] == pytest.approx(1 - m["fidelity"])
     assert m["fid_shapes"] >= 0 and 0 <= m["diversity"] <= 1 and 0 < m["diversity_renders"] <= 1

@@ -15,6 +15,7 @@ LAYERS = [
     ["diffrl.config", "diffrl.utils", "diffrl.run_folder"],
     ["diffrl.embedded_redis", "diffrl.proto"],
     ["diffrl.models"],
+    ["diffrl.data"],  # prompt sets (the shapes world's splits are built in)
     ["diffrl.reward_servers"],
     ["diffrl.evaluation", "diffrl.monitoring"],
     ["diffrl.learner", "diffrl.actors"],

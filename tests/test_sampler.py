@@ -9,7 +9,8 @@ import torch
 
 from diffrl.actors.config import SamplerConfig
 from diffrl.actors.prompts import PromptSource
-from diffrl.actors.sampler import Sampler, sample_seeds
+from diffrl.data import PromptItem
+from diffrl.actors.sampler import MaskedRoundsError, Sampler, sample_seeds
 from diffrl.embedded_redis import EmbeddedRedis
 from diffrl.models.adapter import FlowModel
 from diffrl.models.config import SamplingConfig
@@ -28,12 +29,12 @@ K, G = 4, 2
 def test_prompt_source_shards_are_disjoint_and_cover_everything():
     prompts = [f"p{i}" for i in range(10)]
     shards = [PromptSource(prompts, i, 3, seed=5) for i in range(3)]
-    epoch = [s.take(len(s._order)) for s in shards]
+    epoch = [[item.prompt for item in s.take(len(s._order))] for s in shards]
     flat = [p for shard in epoch for p in shard]
     assert sorted(flat) == sorted(prompts)  # one epoch: each prompt exactly once over all shards
     again = PromptSource(prompts, 1, 3, seed=5)
-    assert again.take(len(epoch[1])) == epoch[1]  # deterministic
-    nxt = shards[0].take(len(epoch[0]))
+    assert [item.prompt for item in again.take(len(epoch[1]))] == epoch[1]  # deterministic
+    nxt = [item.prompt for item in shards[0].take(len(epoch[0]))]
     assert sorted(nxt) == sorted(epoch[0]) or set(nxt) != set(epoch[0])  # next epoch re-permuted
     with pytest.raises(ValueError):
         PromptSource([], 0, 1)
@@ -67,12 +68,13 @@ def redis_server():
         yield server
 
 
-def make_sampler(model, url, redis_server, weights=None, **overrides):
-    cfg = SamplerConfig(k=K, groups_per_round=G, sampling=SamplingConfig(num_steps=2), **overrides)
+def make_sampler(model, url, redis_server, weights=None, prompts=None, **overrides):
+    cfg = SamplerConfig(**{"k": K, "groups_per_round": G, "sampling": SamplingConfig(num_steps=2), **overrides})
     client = SyncRewardClient(RewardClientConfig(rewards=[RewardEndpointConfig(name="shapes", urls=[url],
                                                                                 retries=1, timeout_s=10)]))
     producer = ExperienceProducer(redis_server.client(), stream="experience")
-    return Sampler("s0", cfg, model, client, producer, PromptSource(train_prompts(), 0, 1), weights=weights), client
+    source = PromptSource(prompts or train_prompts(), 0, 1)
+    return Sampler("s0", cfg, model, client, producer, source, weights=weights), client
 
 
 def test_round_publishes_scored_groups_and_follows_new_weights(model, shapes_server, redis_server):
@@ -122,6 +124,33 @@ def test_failed_reward_masks_the_whole_group_never_zero(model, redis_server):
         for _, group in entries:
             assert group.masked and "shapes" in group.mask_reason
             assert all(len(s.rewards) == 0 for s in group.samples)  # no made-up scores
+    finally:
+        client.close()
+
+
+def test_rejected_prompts_are_masked_counted_and_the_sampler_gives_up(model, shapes_server, redis_server):
+    """A prompt the reward refuses (422: outside the shapes grammar) masks its group with the reason;
+    after max_masked_rounds all-masked rounds in a row the sampler stops with that reason."""
+    prompts = [PromptItem("a photo of a cat"), PromptItem("a sign that says \"hi\"")]
+    sampler, client = make_sampler(model, shapes_server.url, redis_server, prompts=prompts, max_masked_rounds=3,
+                                   masked_backoff_s=0.0)
+    try:
+        with pytest.raises(MaskedRoundsError, match=r"every group of the last 3 rounds was masked.*rejected"):
+            sampler.run(max_rounds=10)
+        assert sampler.rounds == 3 and sampler.masked_rounds_in_row == 3
+        assert sampler.metrics.masked.labels("s0", "rejected")._value.get() == 3 * G
+        entries = ExperienceConsumer(redis_server.client(), stream="experience").read(max_groups=50, block_ms=100)
+        assert len(entries) == 3 * G and all(g.masked and "422" in g.mask_reason for _, g in entries)
+    finally:
+        client.close()
+    # one scored round resets the count
+    mixed = [PromptItem("a photo of a cat"), PromptItem(train_prompts()[0])]
+    sampler, client = make_sampler(model, shapes_server.url, redis_server, prompts=mixed, max_masked_rounds=3,
+                                   masked_backoff_s=0.0, groups_per_round=1)
+    try:  # one group per round: at most 2 cats in a row (the end of one epoch, the start of the next)
+        assert sampler.run(max_rounds=6) == 6
+    except MaskedRoundsError:
+        pytest.fail("a round with a scored group must reset the all-masked count")
     finally:
         client.close()
 
