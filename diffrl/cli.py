@@ -59,6 +59,24 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------- tiny-model
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from diffrl.models.tiny_sd3 import TinySD3Arch, build_tiny_sd3
+
+    arch = load_from_args(TinySD3Arch, args)
+    out = Path(args.out)
+    if (out / "model_index.json").exists():
+        print(f"diffrl: {out} already holds a pipeline; give another --out", file=sys.stderr)
+        return 2
+    pipe = build_tiny_sd3(arch, out / "_tokenizer_work", seed=args.seed)
+    pipe.save_pretrained(str(out))
+    import shutil
+
+    shutil.rmtree(out / "_tokenizer_work", ignore_errors=True)
+    print(f"saved a tiny random StableDiffusion3Pipeline ({arch.image_size} px) to {out}")
+    return 0
+
+
 # --------------------------------------------------------------------------------- train
 def _interrupt_on_sigterm() -> None:
     """SIGTERM (`ray job stop`, a deleted pod) tears the run down like Ctrl-C: reward servers and the
@@ -251,6 +269,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "CFG) and save it in diffusers format.")
     add_config_args(p, PretrainConfig)
     p.set_defaults(func=cmd_pretrain)
+
+    from diffrl.models.tiny_sd3 import TinySD3Arch
+
+    p = sub.add_parser("tiny-model", help="write a tiny random SD3 pipeline (to try the whole job on a laptop)",
+                       description="Build a StableDiffusion3Pipeline with tiny random weights from a config "
+                                   "(no downloads) and save it in diffusers format: the same code path as "
+                                   "SD3/SD3.5, sized for a CPU. It generates noise until trained.")
+    p.add_argument("--out", required=True, help="folder to write the pipeline to")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    add_config_args(p, TinySD3Arch)
+    p.set_defaults(func=cmd_tiny_model)
 
     p = sub.add_parser("train", help="RL post-training: Ray samplers -> reward servers -> Redis -> DeepSpeed learner",
                        description="Train with CRD (or another learner.algorithm). With no services "

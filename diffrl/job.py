@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from diffrl import run_folder
 from diffrl.actors.ray_sampler import SamplerSpec, spawn_samplers
+from diffrl.actors.sampler import MaskedRoundsError
 from diffrl.config import ConfigError, to_yaml
 from diffrl.embedded_redis import EmbeddedRedis, redact_url
 from diffrl.learner.config import LearnerConfig
@@ -46,9 +47,21 @@ from diffrl.schema import TrainConfig
 
 log = logging.getLogger(__name__)
 
-# Environment every Ray worker of the job gets (CPU DeepSpeed, no hub, no tokenizer threads).
-WORKER_ENV = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "REDIS_URL",
-              "DIFFRL_REWARD_TOKEN", METRICS_HOST_ENV)
+STEP_WAIT_S = 30.0
+"""How long one learner step call waits for experience before the driver looks at the samplers again
+(and calls again)."""
+SUPERVISE_S = 2.0
+"""How often the driver checks the sampler loops while a step is in flight."""
+
+
+class NoProgressError(RuntimeError):
+    """The job cannot make progress (e.g. every sampler gave up after all-masked rounds); the message
+    says why."""
+
+# Environment every Ray worker of the job gets from the driver where set (CPU DeepSpeed, the user's hub
+# settings: offline only when HF_HUB_OFFLINE is set, no tokenizer threads).
+WORKER_ENV = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_HOME",
+              "TOKENIZERS_PARALLELISM", "REDIS_URL", "DIFFRL_REWARD_TOKEN", METRICS_HOST_ENV)
 
 
 def prepare_run_dir(cfg: TrainConfig) -> Path:
@@ -83,7 +96,7 @@ def _start_rewards(cfg: TrainConfig, run_dir: Path, stack: contextlib.ExitStack)
         urls = list(spec.urls)
         if not urls:
             for i in range(spec.local_replicas):
-                server = LocalRewardServer(spec.name, spec.serve_args,
+                server = LocalRewardServer(spec.name, spec.serve_args, scorer=spec.scorer,
                                            log_path=run_dir / run_folder.LOGS / f"reward-{spec.name}-{i}.log").start()
                 stack.callback(server.stop)
                 urls.append(server.wait_ready().url)
@@ -96,7 +109,6 @@ def _init_ray(cfg: TrainConfig, stack: contextlib.ExitStack) -> None:
     import ray
 
     env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
-    env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Under `ray job submit` the job's runtime env (deploy/ray/runtime_env.yaml) already reaches every
     # worker; Ray refuses a ray.init runtime env that sets the same variables again.
@@ -130,6 +142,12 @@ def train(cfg: TrainConfig) -> Path:
     """Run (or resume) one training job; returns its run folder."""
     import ray
 
+    from diffrl.models.adapter import check_model_source
+
+    check_model_source(cfg.model.path)  # an unreachable hub id fails here, in one line, before Ray and Redis
+    train_prompts, eval_prompts = cfg.data.load()  # a bad prompt file fails here, before anything starts
+    if Path(cfg.model.path).exists():  # a local folder: absolute, so every actor finds it whatever its cwd
+        cfg = replace(cfg, model=replace(cfg.model, path=str(Path(cfg.model.path).resolve())))
     run_dir = prepare_run_dir(cfg)
     resuming = bool(cfg.run.resume)
     cfg = replace(cfg, learner=trained_learner_config(cfg))
@@ -141,120 +159,129 @@ def train(cfg: TrainConfig) -> Path:
     summary: dict = {"run_dir": str(run_dir), "resumed": resuming}
     start = time.time()
 
-    with contextlib.ExitStack() as stack:
-        stack.callback(metrics_log.close)
-        stack.callback(eval_log.close)
-        redis_url = cfg.redis.url or os.environ.get("REDIS_URL", "")
-        if ":***@" in redis_url:  # a resumed run's config.yaml: the password was not written there
-            redis_url = os.environ.get("REDIS_URL", "")
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.callback(metrics_log.close)
+            stack.callback(eval_log.close)
+            redis_url = cfg.redis.url or os.environ.get("REDIS_URL", "")
+            if ":***@" in redis_url:  # a resumed run's config.yaml: the password was not written there
+                redis_url = os.environ.get("REDIS_URL", "")
+                if not redis_url:
+                    raise ConfigError("redis.url", "the password of this URL was redacted in the run folder; "
+                                      "give the URL in $REDIS_URL or as redis.url=...")
             if not redis_url:
-                raise ConfigError("redis.url", "the password of this URL was redacted in the run folder; "
-                                  "give the URL in $REDIS_URL or as redis.url=...")
-        if not redis_url:
-            redis = stack.enter_context(EmbeddedRedis(data_dir=run_dir / "redis", port=0))
-            redis_url = redis.tcp_url
-        rewards = _start_rewards(cfg, run_dir, stack)
-        _init_ray(cfg, stack)
+                redis = stack.enter_context(EmbeddedRedis(data_dir=run_dir / "redis", port=0))
+                redis_url = redis.tcp_url
+            rewards = _start_rewards(cfg, run_dir, stack)
+            _init_ray(cfg, stack)
 
-        channel = f"diffrl-weights-{run_dir.name}"
-        world = cfg.learner.world_size
-        placement = place_learners(cfg)
-        stack.callback(ray.util.remove_placement_group, placement)
-        master_addr, master_port, _ = learner_rendezvous(placement)
-        if not cfg.ray.address:
-            master_addr = "127.0.0.1"  # a local Ray is one node: stay on the loopback
-        learner_cls = ray.remote(LearnerActor)
-        learners = []
-        for rank in range(world):
-            spec = LearnerSpec(rank=rank, world_size=world, master_addr=master_addr, master_port=master_port,
-                               run_dir=str(run_dir), resume=resuming, redis_url=redis_url,
-                               stream=cfg.redis.stream, consumer_group=cfg.redis.consumer_group,
-                               bus_retry=cfg.redis.retry,
-                               weights_channel=channel, metrics_port=cfg.placement.metrics_port if rank == 0 else -1,
-                               model=cfg.model, learner=cfg.learner, eval=cfg.eval)
-            learners.append(learner_cls.options(name=f"learner-{rank}", num_cpus=cfg.placement.num_cpus,
-                                                num_gpus=cfg.placement.num_gpus, max_concurrency=1,
-                                                scheduling_strategy=in_bundle(placement, rank)).remote(to_yaml(spec)))
-        statuses = ray.get([lr.status.remote() for lr in learners])
-        step = int(statuses[0]["step"])
-        specs = [SamplerSpec(sampler_id=f"sampler-{i}", shard_index=i, num_shards=cfg.sampler.num_samplers,
-                             redis_url=redis_url, stream=cfg.redis.stream, consumer_group=cfg.redis.consumer_group,
-                             bus_retry=cfg.redis.retry, weights_channel=channel, model=cfg.model,
-                             sampler=replace(cfg.sampler, seed=cfg.sampler.seed + 1000 * cfg.run.seed),
-                             rewards=rewards, lora=cfg.learner.lora)
-                 for i in range(cfg.sampler.num_samplers)]
-        samplers = spawn_samplers(specs, cfg.sampler)
-        sampler_runs = [s.run.remote() for s in samplers]
-        stack.callback(_stop_samplers, samplers, sampler_runs)
-        sampler_status = ray.get([s.status.remote() for s in samplers])
-        lr0 = statuses[0]
-        endpoints = {"learner_metrics": f"http://{lr0['metrics_host']}:{lr0['metrics_port']}/metrics",
-                     "redis": redact_url(redis_url), "rewards": {e.name: e.urls for e in rewards.rewards},
-                     "sampler_metrics": [f"http://{s['metrics_host']}:{s['metrics_port']}/metrics"
-                                         for s in sampler_status]}
-        (run_dir / run_folder.ENDPOINTS).write_text(json.dumps(endpoints, indent=2))
-        sd_file = write_prometheus_targets(run_dir, Path(cfg.run.output_dir), endpoints)
-        stack.callback(remove_prometheus_sd, sd_file)
-        summary["start_step"] = step
-        ledger = _Ledger(run_dir, redis_url, cfg)
-        supervisor = _SamplerSupervisor(samplers, sampler_runs, limit=cfg.sampler.max_restarts + 3)
-        summary["sampler_versions_start"] = [s["version"] for s in sampler_status]
+            channel = f"diffrl-weights-{run_dir.name}"
+            world = cfg.learner.world_size
+            placement = place_learners(cfg)
+            stack.callback(ray.util.remove_placement_group, placement)
+            master_addr, master_port, _ = learner_rendezvous(placement)
+            if not cfg.ray.address:
+                master_addr = "127.0.0.1"  # a local Ray is one node: stay on the loopback
+            learner_cls = ray.remote(LearnerActor)
+            learners = []
+            for rank in range(world):
+                spec = LearnerSpec(rank=rank, world_size=world, master_addr=master_addr, master_port=master_port,
+                                   run_dir=str(run_dir), resume=resuming, redis_url=redis_url,
+                                   stream=cfg.redis.stream, consumer_group=cfg.redis.consumer_group,
+                                   bus_retry=cfg.redis.retry,
+                                   weights_channel=channel, metrics_port=cfg.placement.metrics_port if rank == 0 else -1,
+                                   model=cfg.model, learner=cfg.learner, eval=cfg.eval, eval_prompts=eval_prompts,
+                                   rewards=rewards)
+                learners.append(learner_cls.options(name=f"learner-{rank}", num_cpus=cfg.placement.num_cpus,
+                                                    num_gpus=cfg.placement.num_gpus, max_concurrency=1,
+                                                    scheduling_strategy=in_bundle(placement, rank)).remote(to_yaml(spec)))
+            statuses = ray.get([lr.status.remote() for lr in learners])
+            step = int(statuses[0]["step"])
+            specs = [SamplerSpec(sampler_id=f"sampler-{i}", shard_index=i, num_shards=cfg.sampler.num_samplers,
+                                 redis_url=redis_url, stream=cfg.redis.stream, consumer_group=cfg.redis.consumer_group,
+                                 bus_retry=cfg.redis.retry, weights_channel=channel, model=cfg.model,
+                                 sampler=replace(cfg.sampler, seed=cfg.sampler.seed + 1000 * cfg.run.seed),
+                                 rewards=rewards, lora=cfg.learner.lora)
+                     for i in range(cfg.sampler.num_samplers)]
+            samplers = spawn_samplers(specs, cfg.sampler, train_prompts.items)
+            sampler_runs = [s.run.remote() for s in samplers]
+            stack.callback(_stop_samplers, samplers, sampler_runs)
+            sampler_status = ray.get([s.status.remote() for s in samplers])
+            lr0 = statuses[0]
+            endpoints = {"learner_metrics": f"http://{lr0['metrics_host']}:{lr0['metrics_port']}/metrics",
+                         "redis": redact_url(redis_url), "rewards": {e.name: e.urls for e in rewards.rewards},
+                         "sampler_metrics": [f"http://{s['metrics_host']}:{s['metrics_port']}/metrics"
+                                             for s in sampler_status]}
+            (run_dir / run_folder.ENDPOINTS).write_text(json.dumps(endpoints, indent=2))
+            sd_file = write_prometheus_targets(run_dir, Path(cfg.run.output_dir), endpoints)
+            stack.callback(remove_prometheus_sd, sd_file)
+            summary["start_step"] = step
+            ledger = _Ledger(run_dir, redis_url, cfg)
+            supervisor = _SamplerSupervisor(samplers, sampler_runs, limit=cfg.sampler.max_restarts + 3)
+            summary["sampler_versions_start"] = [s["version"] for s in sampler_status]
 
-        def evaluate(at_step: int) -> dict:
-            grid = run_folder.grid_path(run_dir, at_step)
-            m = ray.get(learners[0].evaluate.remote(str(grid)))
-            eval_log.write({"step": at_step, **m})
-            metrics_log.write({"step": at_step, "kind": "eval", **m})
-            return m
+            def evaluate(at_step: int) -> dict:
+                grid = run_folder.grid_path(run_dir, at_step)
+                m = ray.get(learners[0].evaluate.remote(str(grid)))
+                eval_log.write({"step": at_step, **m})
+                metrics_log.write({"step": at_step, "kind": "eval", **m})
+                return m
 
-        if cfg.run.eval_every and not resuming:
-            summary["eval_start"] = evaluate(step)
-        train_start = time.time()
-        bar = tqdm(total=cfg.learner.max_steps, initial=step, desc="train", unit="step", disable=not cfg.run.progress)
-        last: dict = {}
-        try:
-            while step < cfg.learner.max_steps:
-                if cfg.run.max_seconds and time.time() - train_start > cfg.run.max_seconds:
-                    break
-                results = ray.get([lr.step.remote() for lr in learners])
-                supervisor.check()
-                if results[0] is None:
-                    continue
-                step += 1
-                if cfg.learner.checkpoint_every and step % cfg.learner.checkpoint_every == 0:
-                    ledger.write()
-                last = results[0]
-                metrics_log.write({"step": step, "kind": "train", "time": time.time() - start, **last})
-                bar.update(1)
-                bar.set_postfix(reward=f"{last.get('reward_mean', float('nan')):.3f}",
-                                kl=f"{last.get('kl', float('nan')):.4f}", stale=f"{last.get('staleness_mean', 0):.1f}")
-                if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.learner.max_steps:
-                    evaluate(step)
-        finally:
-            bar.close()
-            train_seconds = time.time() - train_start
-            _stop_samplers(samplers, sampler_runs)
-            step = max(ray.get([lr.finish.remote() for lr in learners]))
-        if cfg.run.eval_every:
-            summary["eval_end"] = evaluate(step)
-        sampler_status = _sampler_statuses(samplers)
-        learner_status = ray.get([lr.status.remote() for lr in learners])
-        summary["ledger"] = ledger.write(
-            learner_counters=learner_status[0]["counters"], sampler_runs_restarted=supervisor.restarts,
-            bus_retries={"learner": sum(s.get("bus_retries", 0) for s in learner_status),
-                         "samplers": sum(s.get("bus_retries", 0) for s in sampler_status)},
-            sampler_masked_backoffs=sum(s.get("masked_backoffs", 0) for s in sampler_status))
-        _save_scrape(endpoints["learner_metrics"], run_dir / "metrics_final.prom")
-        ray.get([lr.close.remote() for lr in learners])
-        summary.update(
-            end_step=step, seconds=time.time() - start, last_train=last,
-            sampler_versions_end=[s["version"] for s in sampler_status],
-            groups_published=sum(s["published"] for s in sampler_status),
-            sampler_busy_seconds=[s["busy_seconds"] for s in sampler_status],
-            sampler_paused_seconds=[s["paused_seconds"] for s in sampler_status],
-            train_seconds=train_seconds,
-            learner_counters=learner_status[0]["counters"],
-        )
+            if cfg.run.eval_every and not resuming:
+                summary["eval_start"] = evaluate(step)
+            train_start = time.time()
+            bar = tqdm(total=cfg.learner.max_steps, initial=step, desc="train", unit="step", disable=not cfg.run.progress)
+            last: dict = {}
+            try:
+                while step < cfg.learner.max_steps:
+                    if cfg.run.max_seconds and time.time() - train_start > cfg.run.max_seconds:
+                        break
+                    refs = [lr.step.remote(STEP_WAIT_S) for lr in learners]
+                    while ray.wait(refs, num_returns=len(refs), timeout=SUPERVISE_S)[1]:
+                        supervisor.check()  # raises NoProgressError when every sampler gave up
+                    results = ray.get(refs)
+                    supervisor.check()
+                    if results[0] is None:
+                        continue
+                    step += 1
+                    if cfg.learner.checkpoint_every and step % cfg.learner.checkpoint_every == 0:
+                        ledger.write()
+                    last = results[0]
+                    metrics_log.write({"step": step, "kind": "train", "time": time.time() - start, **last})
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{last.get('reward_mean', float('nan')):.3f}",
+                                    kl=f"{last.get('kl', float('nan')):.4f}", stale=f"{last.get('staleness_mean', 0):.1f}")
+                    if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.learner.max_steps:
+                        evaluate(step)
+            finally:
+                bar.close()
+                train_seconds = time.time() - train_start
+                _stop_samplers(samplers, sampler_runs)
+                step = max(ray.get([lr.finish.remote() for lr in learners]))
+            if cfg.run.eval_every:
+                summary["eval_end"] = evaluate(step)
+            sampler_status = _sampler_statuses(samplers)
+            learner_status = ray.get([lr.status.remote() for lr in learners])
+            summary["ledger"] = ledger.write(
+                learner_counters=learner_status[0]["counters"], sampler_runs_restarted=supervisor.restarts,
+                bus_retries={"learner": sum(s.get("bus_retries", 0) for s in learner_status),
+                             "samplers": sum(s.get("bus_retries", 0) for s in sampler_status)},
+                sampler_masked_backoffs=sum(s.get("masked_backoffs", 0) for s in sampler_status))
+            _save_scrape(endpoints["learner_metrics"], run_dir / "metrics_final.prom")
+            ray.get([lr.close.remote() for lr in learners])
+            summary.update(
+                end_step=step, seconds=time.time() - start, last_train=last,
+                sampler_versions_end=[s["version"] for s in sampler_status],
+                groups_published=sum(s["published"] for s in sampler_status),
+                sampler_busy_seconds=[s["busy_seconds"] for s in sampler_status],
+                sampler_paused_seconds=[s["paused_seconds"] for s in sampler_status],
+                train_seconds=train_seconds,
+                learner_counters=learner_status[0]["counters"],
+            )
+    except NoProgressError as err:
+        summary.update(error=str(err), seconds=time.time() - start)
+        (run_dir / run_folder.SUMMARY).write_text(json.dumps(summary, indent=2, default=float))
+        raise
     (run_dir / run_folder.SUMMARY).write_text(json.dumps(summary, indent=2, default=float))
     return run_dir
 
@@ -312,7 +339,9 @@ class _SamplerSupervisor:
     restarting it (sampler.max_restarts; meanwhile calls fail with ActorUnavailableError and are
     submitted again, without limit), or its loop raised (at most ``limit`` times per sampler; negative:
     no limit). The restarted actor has a new incarnation id, so its group ids stay unique. Counted
-    per sampler in ``restarts`` (one per death or failure)."""
+    per sampler in ``restarts`` (one per death or failure). A loop that ended with
+    :class:`MaskedRoundsError` (every group masked for ``sampler.max_masked_rounds`` rounds) is not
+    started again; once every sampler has given up, :meth:`check` raises :class:`NoProgressError`."""
 
     SETTLED_S = 30.0  # a loop running this long after a restart counts as recovered
 
@@ -322,6 +351,7 @@ class _SamplerSupervisor:
         self._failures = [0] * len(samplers)
         self._restarting = [False] * len(samplers)
         self._submitted = [time.monotonic()] * len(samplers)
+        self.gave_up: dict[int, str] = {}
 
     def _submit(self, i: int) -> None:
         self.runs[i] = self.samplers[i].run.remote()
@@ -334,9 +364,17 @@ class _SamplerSupervisor:
         now = time.monotonic()
         for ref in done:
             i = next(k for k, r in enumerate(self.runs) if r == ref)
+            if i in self.gave_up:
+                continue
             try:
                 ray.get(ref)
                 continue  # returned: it was stopped
+            except ray.exceptions.RayTaskError as err:
+                if isinstance(err.cause, MaskedRoundsError):
+                    self._give_up(i, str(err.cause))
+                    continue
+                self._retry_failed(i, err)
+                continue
             except ray.exceptions.ActorUnavailableError:
                 if not self._restarting[i]:
                     log.warning("sampler-%d is restarting; its loop will start again", i)
@@ -344,16 +382,28 @@ class _SamplerSupervisor:
                     self._restarting[i] = True
                 self._submit(i)
                 continue
-            except Exception as err:  # noqa: BLE001 - RayActorError, RayTaskError, ...
-                if 0 <= self.limit <= self._failures[i]:
-                    continue
-                log.warning("sampler-%d stopped (%s); starting its loop again", i, type(err).__name__)
-                self._failures[i] += 1
-                self.restarts[i] += 1
-                self._submit(i)
+            except Exception as err:  # noqa: BLE001 - RayActorError, ...
+                self._retry_failed(i, err)
+        if len(self.gave_up) == len(self.samplers):
+            raise NoProgressError("no sampler can produce trainable groups: " + next(iter(self.gave_up.values()))
+                                  + ". Check that the rewards accept the prompts (data.train) and are up; "
+                                  "sampler.max_masked_rounds sets how long samplers try")
         for i, ref in enumerate(self.runs):
             if self._restarting[i] and ref not in done and now - self._submitted[i] > self.SETTLED_S:
                 self._restarting[i] = False
+
+    def _give_up(self, i: int, reason: str) -> None:
+        if i not in self.gave_up:
+            log.error("%s", reason)
+            self.gave_up[i] = reason
+
+    def _retry_failed(self, i: int, err: Exception) -> None:
+        if 0 <= self.limit <= self._failures[i]:
+            return
+        log.warning("sampler-%d stopped (%s); starting its loop again", i, type(err).__name__)
+        self._failures[i] += 1
+        self.restarts[i] += 1
+        self._submit(i)
 
 
 def _save_scrape(url: str, path: Path) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from diffrl import run_folder
 from diffrl.actors.config import SamplerConfig
 from diffrl.config import require
+from diffrl.data import DataConfig
 from diffrl.embedded_redis import redact_url as _redact_url
 from diffrl.evaluation import EvalConfig
 from diffrl.learner.config import LearnerConfig
@@ -50,7 +51,11 @@ class RewardSpec:
     """One reward of the run: existing replicas (urls) or servers the job starts locally."""
 
     name: str = "shapes"
-    """Scorer name (shapes, ocr, compressibility, detector, onnx); the key of its values in groups."""
+    """Reward name, the key of its values in groups; with scorer empty, the built-in scorer local servers
+    run (shapes, ocr, compressibility, detector, onnx)."""
+    scorer: str = ""
+    """The scorer local servers run: a built-in scorer name or pkg.module:Class (a Scorer subclass, its
+    module importable, e.g. on PYTHONPATH; docs/custom_rewards.md); empty = name."""
     urls: list[str] = field(default_factory=list)
     """Replica base URLs of a running reward service; empty = start local_replicas servers here."""
     local_replicas: int = 1
@@ -66,6 +71,10 @@ class RewardSpec:
 
     def validate(self) -> None:
         require(bool(self.name), "name", "a reward name")
+        from diffrl.reward_servers.scorers import scorer_target_problem
+
+        problem = scorer_target_problem(self.scorer) if self.scorer else None
+        require(problem is None, "scorer", problem or "", self.scorer)
         require(bool(self.urls) or self.local_replicas >= 1, "local_replicas", "an int >= 1 when urls is empty")
         for u in self.urls:
             require(isinstance(u, str) and u.startswith(("http://", "https://")), "urls", "http(s):// URLs", u)
@@ -141,6 +150,8 @@ class TrainConfig:
     """The run: length, evaluation, resume."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The base model (p_φ, and the start of θ, p_old and p_samp)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The training prompts and the held-out prompts."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     """Sampler actors."""
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
@@ -165,3 +176,24 @@ class TrainConfig:
             require(not unknown, "learner.reward_weights", f"names among the rewards {names}", sorted(unknown))
         # what the algorithm trains on must come from the samplers (e.g. GRPO's recorded log-probs)
         self.learner.algorithm_class.check_recipe(self.learner.algorithm_config, self.sampler)
+
+
+@dataclass
+class EvalCommandConfig:
+    """What ``diffrl eval`` reads. Rewards are given as in a training recipe (local servers are started
+    for rewards without urls)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model to evaluate (``--model`` also takes a run folder or a checkpoint folder)."""
+    prompts: str = "shapes:eval"
+    """The prompt set: a built-in set (shapes:eval, shapes:train, shapes:all) or a .txt/.jsonl file."""
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
+    """The rewards that score the samples (empty: none; a built-in world still gets its own metrics)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """How to sample."""
+    output_dir: str = "runs/eval"
+    """Where the image grid and metrics.json are written (reward-server logs in its logs/)."""
+
+    def validate(self) -> None:
+        names = [r.name for r in self.rewards]
+        require(len(set(names)) == len(names), "rewards", "distinct reward names", names)

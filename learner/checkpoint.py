@@ -7,8 +7,11 @@ Layout (``RUN_DIR/checkpoints/``)::
                                     state (engine.save_checkpoint: weights, optimizer, ZeRO partitions).
                                     DeepSpeed writes these with torch.save (pickle); they are only ever
                                     read back by the learner itself.
-        <role>.safetensors          per EMA role (CRD: p_old, p_samp) its trained tensors (LoRA:
-                                    adapter weights only)
+        <role>.safetensors          per role, EMA (CRD: p_old, p_samp) and trainable (theta), its
+                                    trained tensors by parameter name (LoRA: adapter weights only, peft
+                                    naming with the adapter name). The trainable roles' files are not
+                                    read on resume (the engine folder is): they are what ``diffrl
+                                    export`` reads, so that getting weights out never unpickles.
         state.json                  step, p_samp version, world size, algorithm, roles, LoRA, ZeRO stage
         rank_00000.json             per rank: ledger counters, trained group ids, python/numpy RNG
         rank_00000.safetensors      per rank: torch (and CUDA) RNG state, numpy's MT state vector
@@ -51,7 +54,7 @@ def engine_tag(role: str) -> str:
 
 
 def snapshot_file(role: str) -> str:
-    """The tensors of an EMA role."""
+    """The safetensors file of a role's trained tensors (every EMA role, and every trainable role)."""
     return f"{role}.safetensors"
 
 
@@ -214,6 +217,10 @@ class Checkpointing:
         for role, net in self.nets.trained.items():
             net.engine.save_checkpoint(str(folder), tag=engine_tag(role), save_latest=False,
                                        exclude_frozen_parameters=self.is_lora)
+            if net.zero3 or self.rank == 0:  # ZeRO-3 gathers the parameters: every rank takes part
+                tensors = net.state_dict()  # for `diffrl export` (not read on resume)
+                if self.rank == 0:
+                    save_tensors(folder / snapshot_file(role), tensors)
         tensors, rng_meta = rng_state()
         save_tensors(folder / rank_tensors(self.rank), tensors)
         write_json_atomic(folder / rank_json(self.rank), {

@@ -38,6 +38,10 @@ class LearnerConfig:
     samples lack one is dropped as invalid). Empty: the sum of every reward a sample carries."""
     lr: float = 3e-4
     """AdamW learning rate."""
+    lr_warmup_steps: int = 0
+    """Linear LR warmup: optimizer step k (k = 1, 2, ...) uses lr x min(1, k / lr_warmup_steps), then lr
+    stays constant; a torch LR scheduler inside each trainable role's DeepSpeed engine, saved and restored
+    with the engine checkpoint. 0 = no warmup (lr from the first step)."""
     weight_decay: float = 1e-4
     """AdamW weight decay."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -137,6 +141,7 @@ class LearnerConfig:
             require(isinstance(w, (int, float)) and math.isfinite(w),
                      f"reward_weights.{key}", "a finite float", w)
         require(self.lr > 0, "lr", "a float > 0", self.lr)
+        require(self.lr_warmup_steps >= 0, "lr_warmup_steps", "an int >= 0 (0 = no warmup)", self.lr_warmup_steps)
         require(self.weight_decay >= 0, "weight_decay", "a float >= 0", self.weight_decay)
         require(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "betas",
                  "two floats in [0, 1)", self.betas)

@@ -292,6 +292,7 @@ class Learner(StreamLoop, Checkpointing):
         batch = self.decode(groups)
         G = len(groups)
         run = self.step_context(G)
+        lr = float(self.engine.get_lr()[0])  # this step's (learner.lr_warmup_steps moves it after the step)
         result: StepResult = self.algorithm.step(batch, run)
         for role, net in self.nets.trained.items():
             if net.engine.global_steps != version_before + 1:
@@ -319,7 +320,7 @@ class Learner(StreamLoop, Checkpointing):
             stats[f"decay_{name.removeprefix('p_')}"] = d
         stats.setdefault("decay_samp", decays[self.algorithm.sampler_role])
         stats.update(step=self.step, version=self.step, grad_norm=grad_norm,
-                     lr=float(self.engine.get_lr()[0]), groups=G * self.world_size,
+                     lr=lr, groups=G * self.world_size,
                      samples=int(stats.pop("_samples")), staleness=batch.staleness,
                      step_seconds=time.perf_counter() - t_start)
         stats.update(result.stats or {})

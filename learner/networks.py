@@ -27,6 +27,24 @@ Tensor = torch.Tensor
 _GATHER_BUCKET_NUMEL = 1 << 26  # ZeRO-3: parameters gathered at once for the snapshot EMAs
 
 
+class LinearWarmup:
+    """LR factor of the ``epoch``-th optimizer step (0-based) under a linear warmup over ``steps``
+    optimizer steps: min(1, (epoch + 1) / steps). A callable object, so LambdaLR checkpoints it."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def __call__(self, epoch: int) -> float:
+        return min(1.0, (epoch + 1) / self.steps) if self.steps > 0 else 1.0
+
+
+def warmup_scheduler(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The LR schedule of a trainable role: linear warmup over ``steps`` optimizer steps (``learner.
+    lr_warmup_steps``; step k uses lr·min(1, k/steps)), then constant. DeepSpeed steps it once per
+    optimizer step and keeps its state in the engine checkpoint."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LinearWarmup(steps))
+
+
 def shared_copy(module: nn.Module) -> nn.Module:
     """A structural copy of ``module`` whose parameters and buffers are the very same tensors."""
     memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
@@ -156,7 +174,8 @@ class Networks:
         # A client torch AdamW: no native op to compile (FusedAdam/CPUAdam) on CPU machines.
         optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.adam_eps,
                                       weight_decay=cfg.weight_decay)
-        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
+        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config,
+                                               lr_scheduler=warmup_scheduler(optimizer, cfg.lr_warmup_steps))
         return engine
 
     def _snapshot_module(self) -> nn.Module:

@@ -17,6 +17,9 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import os
+import re
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,12 +29,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from diffrl.config import ConfigError
 from diffrl.models.config import ModelConfig
 from diffrl.models.sde import sde_sigmas, sde_step_with_noise
 from diffrl.utils import DTYPES, resolve_device
 
 # Components a StableDiffusion3Pipeline may leave out; passed as None when the folder lacks them.
 OPTIONAL_COMPONENTS = ("vae", "text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor")
+HUB_TIMEOUT_S = 10.0
+"""How long ``check_model_source`` waits for the hub's answer about a hub id (connect and read)."""
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
@@ -66,30 +73,118 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
-def load_pipeline(path: str, dtype: torch.dtype = torch.float32):
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as set now, the way huggingface_hub reads it."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:120]}" if text else type(err).__name__
+
+
+def _hub_reason(err: BaseException, offline: bool) -> str:
+    """One short line on why model_index.json of a hub id could not be had."""
+    from huggingface_hub import errors
+
+    if isinstance(err, errors.GatedRepoError):
+        return "a gated repository: accept its licence on huggingface.co and log in (hf auth login or $HF_TOKEN)"
+    if isinstance(err, errors.RepositoryNotFoundError):
+        return "no such repository, or a private one and you are not logged in"
+    if isinstance(err, errors.RevisionNotFoundError):
+        return "no such revision"
+    if isinstance(err, errors.RemoteEntryNotFoundError):
+        return "it has no model_index.json, so it is not a diffusers pipeline"
+    if isinstance(err, errors.HfHubHTTPError):
+        return f"the hub answered {_first_line(err)}"
+    if offline:
+        return "HF_HUB_OFFLINE is set and the local hub cache lacks it"
+    return f"the hub is unreachable, {_first_line(err)}; the local hub cache lacks it"
+
+
+def _hub_model_index(repo_id: str, offline: bool, timeout_s: float) -> None:
+    """Raise unless the hub (one HEAD request, no retries) or, offline or when the hub does not answer,
+    the local hub cache has ``repo_id``'s model_index.json."""
+    from huggingface_hub import errors, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str)
+    if offline:
+        if not cached:
+            raise errors.LocalEntryNotFoundError(f"{repo_id}/model_index.json is not in the local cache")
+        return
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, "model_index.json"), timeout=timeout_s)
+    except errors.HfHubHTTPError:
+        raise  # the hub answered: no such repository, gated, ...
+    except Exception:
+        if not cached:  # no answer; diffusers falls back to the cache then, and so does this check
+            raise
+
+
+def check_model_source(path: str, timeout_s: float | None = None) -> str:
+    """Where ``model.path`` can be loaded from: an existing local pipeline folder (returned resolved,
+    see :func:`resolve_model_path`), or a hub id whose model_index.json huggingface_hub can give, from
+    the hub or its local cache (only the cache when HF_HUB_OFFLINE is set). Anything else raises
+    :class:`~diffrl.config.ConfigError` for ``model.path`` with one line that says how to give a local
+    folder instead. Waits at most ``timeout_s`` (default :data:`HUB_TIMEOUT_S`) for the hub, whatever
+    the network does (a hub that never answers is reported as unreachable)."""
+    resolved = resolve_model_path(path)
+    folder = Path(resolved)
+    if folder.is_dir():
+        if not (folder / "model_index.json").is_file():
+            raise ConfigError("model.path", f"{path!r} is not a diffusers pipeline folder (no model_index.json)")
+        return resolved
+    if not _HUB_ID.fullmatch(path):
+        raise ConfigError("model.path", f"{path!r}: no such folder (nor an org/name hub id)")
+    from huggingface_hub import constants as hub_constants
+
+    timeout_s = HUB_TIMEOUT_S if timeout_s is None else timeout_s
+    offline = _hub_offline() or hub_constants.HF_HUB_OFFLINE  # (huggingface_hub reads it once, at import)
+    outcome: dict = {}
+
+    def fetch() -> None:
+        try:
+            _hub_model_index(path, offline, timeout_s)
+        except Exception as err:  # noqa: BLE001 -- reported as one line below
+            outcome["error"] = err
+
+    # a daemon thread: DNS lookups are outside httpx's timeouts, and a stuck one must not hold the exit
+    worker = threading.Thread(target=fetch, name="hub-check", daemon=True)
+    worker.start()
+    worker.join(timeout_s + 5.0)
+    if worker.is_alive():
+        reason = f"no answer from the hub in {timeout_s + 5.0:.0f} s"
+    elif "error" in outcome:
+        reason = _hub_reason(outcome["error"], offline)
+    else:
+        return path
+    raise ConfigError("model.path", f"cannot load {path!r}: not a local folder, and not from the Hugging Face hub "
+                      f"({reason}); download it (hf download {path} --local-dir DIR) and give model.path=DIR")
+
+
+def load_pipeline(path: str, dtype: torch.dtype = torch.float32, with_t5: bool = True):
     """The pipeline in a local diffusers folder (a FlowUNetPipeline or a StableDiffusion3Pipeline whose
-    optional components absent from model_index.json become None), or an SD3 hub id where the hub is
-    reachable."""
+    optional components absent from model_index.json become None), or an SD3 hub id
+    (:func:`check_model_source` first: an unreachable one fails with one line). ``with_t5=False``
+    leaves an SD3 pipeline's T5 encoder unloaded."""
     from diffusers import StableDiffusion3Pipeline
 
     from diffrl.models.flow_pipeline import FlowUNetPipeline
 
-    path = resolve_model_path(path)
+    path = check_model_source(path)
     folder = Path(path)
     kwargs: dict = {"dtype": dtype, "use_safetensors": True}  # never unpickle weights (docs/security.md)
     if folder.is_dir():
-        index_file = folder / "model_index.json"
-        if not index_file.is_file():
-            raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
-        index = json.loads(index_file.read_text())
+        index = json.loads((folder / "model_index.json").read_text())
         if index.get("_class_name") == FlowUNetPipeline.__name__:
             return FlowUNetPipeline.from_pretrained(str(path), **kwargs)
         for name in OPTIONAL_COMPONENTS:
             entry = index.get(name)
             if entry is None or entry == [None, None] or not (folder / name).exists():
                 kwargs[name] = None
-    elif str(path).count("/") != 1:
-        raise FileNotFoundError(f"model path {path!r}: no such folder (nor an org/name hub id)")
+    if not with_t5:
+        kwargs["text_encoder_3"] = kwargs["tokenizer_3"] = None
     return StableDiffusion3Pipeline.from_pretrained(str(path), **kwargs)
 
 
@@ -123,31 +218,58 @@ class FlowModel:
     """The adapter: text encoding, velocity, CFG, decoding and the Euler ODE sampler."""
 
     def __init__(self, pipe, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 max_sequence_length: int = 0, prompt_cache_size: int = 4096):
+                 max_sequence_length: int = 256, prompt_cache_size: int = 4096, resolution: int = 0):
         self.pipe = pipe
         self.device = torch.device(device)
         self.dtype = dtype
-        self.max_sequence_length = max_sequence_length
+        if max_sequence_length == 0 and getattr(pipe, "text_encoder_3", None) is not None:
+            pipe.text_encoder_3 = pipe.tokenizer_3 = None  # 0 = drop T5 (CLIP tokens only)
+        # T5 tokens per prompt: none for a pipeline without a T5 encoder (SD3 would pad zeros instead)
+        self.max_sequence_length = max_sequence_length if getattr(pipe, "text_encoder_3", None) is not None else 0
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
             module = getattr(pipe, name, None)
             if module is not None:
                 module.requires_grad_(False).eval().to(self.device)
         self.denoiser_name = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
         self.transformer.to(self.device, dtype)
+        self.resolution = self._check_resolution(resolution)
         self._prompt_cache: OrderedDict[str, PromptEmbeds] = OrderedDict()
         self._prompt_cache_size = prompt_cache_size
 
     # ----------------------------------------------------------------- construction
     @classmethod
     def from_pretrained(cls, path: str, device: str = "auto", dtype: str = "float32",
-                        max_sequence_length: int = 0) -> FlowModel:
+                        max_sequence_length: int = 256, resolution: int = 0) -> FlowModel:
         torch_dtype = DTYPES[dtype]
-        pipe = load_pipeline(path, dtype=torch.float32)
-        return cls(pipe, resolve_device(device), torch_dtype, max_sequence_length)
+        pipe = load_pipeline(path, dtype=torch.float32, with_t5=max_sequence_length > 0)
+        return cls(pipe, resolve_device(device), torch_dtype, max_sequence_length, resolution=resolution)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> FlowModel:
-        return cls.from_pretrained(cfg.path, cfg.device, cfg.dtype, cfg.max_sequence_length)
+        return cls.from_pretrained(cfg.path, cfg.device, cfg.dtype, cfg.max_sequence_length, cfg.resolution)
+
+    def _check_resolution(self, resolution: int) -> int:
+        """The image side to use: ``resolution`` pixels (0 = the model's default), which must be a
+        multiple of the VAE scale x the denoiser's patch size (or a UNet's downsampling) and within
+        an SD3 transformer's position embeddings; a :class:`ConfigError` for model.resolution otherwise."""
+        cfg = self.transformer.config
+        default = int(cfg.sample_size) * self.vae_scale_factor
+        if resolution == 0:
+            return default
+        if getattr(cfg, "patch_size", None):
+            unit, what = int(cfg.patch_size), "patch size"
+        else:  # a UNet halves the resolution at each block but the last
+            unit, what = 2 ** (len(getattr(cfg, "block_out_channels", (0,))) - 1), "UNet downsampling"
+        multiple = self.vae_scale_factor * unit
+        if resolution <= 0 or resolution % multiple:
+            raise ConfigError("model.resolution", f"expected a multiple of {multiple} (VAE scale "
+                              f"{self.vae_scale_factor} x {what} {unit}) for {type(self.transformer).__name__}, "
+                              f"got {resolution}")
+        max_patches = getattr(cfg, "pos_embed_max_size", None)
+        if max_patches and resolution // multiple > max_patches:
+            raise ConfigError("model.resolution", f"expected at most {max_patches * multiple} (the transformer's "
+                              f"position embeddings cover {max_patches} patches a side), got {resolution}")
+        return resolution
 
     def save_pretrained(self, path: str | Path, transformer: nn.Module | None = None) -> None:
         """Save the pipeline in diffusers format, optionally with another denoiser in it."""
@@ -170,15 +292,20 @@ class FlowModel:
         return getattr(self.pipe, "vae", None)
 
     @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel (1 for a pixel-space model)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+
+    @property
     def latent_shape(self) -> tuple[int, int, int]:
-        """[C, H, W] of x0 at the model's default resolution."""
-        cfg = self.transformer.config
-        return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        """[C, H, W] of x0 at ``image_size`` (model.resolution): side = image_size / VAE scale."""
+        side = self.image_size // self.vae_scale_factor
+        return (self.transformer.config.in_channels, side, side)
 
     @property
     def image_size(self) -> int:
-        scale = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
-        return self.transformer.config.sample_size * scale
+        """Image side in pixels: model.resolution, or the transformer's sample_size x the VAE scale."""
+        return self.resolution
 
     @property
     def num_train_timesteps(self) -> int:

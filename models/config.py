@@ -11,13 +11,24 @@ from diffrl.config import require
 class ModelConfig:
     path: str = "assets/shapes-base"
     """Local folder of a diffusers SD3-family pipeline (model_index.json + component folders), or a
-    hub id where the hub is reachable. The default is the shipped shapes-world base model."""
+    Hugging Face hub id (org/name, e.g. stabilityai/stable-diffusion-3.5-medium; downloaded to the
+    hub cache, or read from it alone when HF_HUB_OFFLINE=1). A hub id that cannot be had fails at
+    start-up, saying how to download it and give the folder instead. The default is the shipped
+    shapes-world base model."""
     dtype: str = "float32"
     """Compute dtype of the denoiser: float32, bfloat16 or float16 (bf16 on GPUs)."""
     device: str = "auto"
     """Torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:N."""
-    max_sequence_length: int = 0
-    """T5 tokens per prompt for pipelines with a T5 encoder (SD3: 256); 0 = CLIP tokens only."""
+    max_sequence_length: int = 256
+    """T5 tokens per prompt (prompts are padded or truncated to this many) for pipelines with a T5
+    encoder (text_encoder_3, e.g. SD3/SD3.5): 256 is diffusers' StableDiffusion3Pipeline default; the
+    public Flow-GRPO/DiffusionNFT SD3.5 code uses 128 (the sd35m recipes). Pipelines without a T5
+    encoder (the shapes world, the tiny test models) get no T5 tokens whatever this says.
+    0 = drop T5 (not loaded; CLIP tokens only)."""
+    resolution: int = 0
+    """Image side in pixels (square images). 0 = the model's default: the transformer's sample_size x
+    the VAE's scale factor (1024 for SD3.5-M). Must be a multiple of the VAE scale x the denoiser's
+    patch size (SD3.5: 8 x 2 = 16), checked when the model loads."""
 
     def validate(self) -> None:
         require(bool(self.path), "path", "a local path or hub id")
@@ -25,7 +36,10 @@ class ModelConfig:
                 self.dtype)
         require(self.device == "auto" or self.device.startswith(("cpu", "cuda")), "device",
                 "auto|cpu|cuda[:N]", self.device)
-        require(self.max_sequence_length >= 0, "max_sequence_length", "an int >= 0")
+        require(0 <= self.max_sequence_length <= 512, "max_sequence_length",
+                "an int in [0, 512] (0 = drop T5)", self.max_sequence_length)
+        require(self.resolution >= 0, "resolution", "image side in pixels >= 0 (0 = the model's default)",
+                self.resolution)
 
 
 @dataclass

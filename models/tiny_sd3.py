@@ -3,7 +3,9 @@
 The shapes-world base model is one of these (trained by ``diffrl pretrain``): a real
 ``StableDiffusion3Pipeline`` with two small CLIP text encoders, no T5, an ``SD3Transformer2DModel``
 that works directly in pixel space (``vae=None``; 3 channels in [-1, 1]) and the flow-matching Euler
-scheduler. Tests build the same thing with random weights to exercise the SD3 code path on CPU.
+scheduler. Tests build the same thing with random weights to exercise the SD3 code path on CPU, and
+with ``TinySD3Arch.t5_layers > 0`` also a small T5 encoder (``text_encoder_3``) with a locally built
+Unigram tokenizer, as SD3/SD3.5 have.
 """
 
 from __future__ import annotations
@@ -50,8 +52,12 @@ class TinySD3Arch:
     """Pooled projection width of each CLIP encoder (pooled_projection_dim = 2 x this)."""
     max_tokens: int = 16
     """Tokenizer max length (prompt tokens incl. start/end)."""
+    t5_layers: int = 0
+    """Layers of a small T5 encoder (text_encoder_3, width 2 x text_hidden, text_heads heads) with a
+    locally built tokenizer (tokenizer_3); 0 = no T5, as before."""
 
     def validate(self) -> None:
+        require(self.t5_layers >= 0, "t5_layers", "an int >= 0 (0 = no T5)", self.t5_layers)
         require(self.image_size > 0 and self.image_size % self.patch_size == 0, "image_size",
                 "a positive multiple of patch_size", self.image_size)
         for name in ("patch_size", "num_layers", "num_heads", "head_dim", "text_hidden", "text_layers",
@@ -150,9 +156,38 @@ def _clip_text_encoders(workdir: str | Path, hidden: int, layers: int, heads: in
     return tokenizer, CLIPTextModelWithProjection(text_config), CLIPTextModelWithProjection(text_config)
 
 
+T5_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789\"'.,:!?-"
+
+
+def t5_tokenizer(words: Iterable[str] = DEFAULT_WORDS, max_length: int = 512):
+    """A T5 (Unigram) tokenizer built in memory: whole words are single pieces, characters are a
+    fallback (anything else is <unk>); ids 0, 1, 2 are <pad>, </s>, <unk> as in T5."""
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    seen = {p for p, _ in pieces}
+    for piece, score in [*((f"\u2581{w}", -1.0) for w in words), *((c, -10.0) for c in T5_CHARS),
+                         *((f"\u2581{c}", -10.0) for c in T5_CHARS)]:
+        if piece not in seen:
+            seen.add(piece)
+            pieces.append((piece, score))
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=max_length)
+
+
+def _t5_encoder(arch: TinySD3Arch, vocab_size: int):
+    """A small T5EncoderModel whose width is the transformer's joint_attention_dim (2 x text_hidden)."""
+    from transformers import T5Config, T5EncoderModel
+
+    width = 2 * arch.text_hidden
+    config = T5Config(vocab_size=vocab_size, d_model=width, d_kv=width // arch.text_heads, d_ff=2 * width,
+                      num_layers=arch.t5_layers, num_heads=arch.text_heads, dropout_rate=0.0,
+                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return T5EncoderModel(config)
+
+
 def build_tiny_sd3(arch: TinySD3Arch, workdir: str | Path, seed: int = 0):
-    """A randomly initialised StableDiffusion3Pipeline of the given sizes (pixel space, no VAE, no T5).
-    ``workdir`` receives the tokenizer files."""
+    """A randomly initialised StableDiffusion3Pipeline of the given sizes (pixel space, no VAE; a T5
+    encoder only with ``arch.t5_layers > 0``). ``workdir`` receives the CLIP tokenizer files."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     arch.validate()
     torch.manual_seed(seed)
@@ -172,6 +207,8 @@ def build_tiny_sd3(arch: TinySD3Arch, workdir: str | Path, seed: int = 0):
         pos_embed_max_size=arch.image_size // arch.patch_size,
     )
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    tokenizer_3 = t5_tokenizer() if arch.t5_layers else None  # after the transformer: same weights as without
+    text_encoder_3 = _t5_encoder(arch, len(tokenizer_3)) if tokenizer_3 is not None else None
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=scheduler,
@@ -180,8 +217,8 @@ def build_tiny_sd3(arch: TinySD3Arch, workdir: str | Path, seed: int = 0):
         tokenizer=tokenizer,
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer,
-        text_encoder_3=None,
-        tokenizer_3=None,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
     )
 
 

@@ -53,7 +53,7 @@ class ScoreResponse(_message.Message):
     def __init__(self, scores: _Optional[_Iterable[float]] = ..., errors: _Optional[_Iterable[str]] = ..., details: _Optional[_Mapping[str, FloatList]] = ...) -> None: ...
 
 class RewardInfo(_message.Message):
-    __slots__ = ("name", "version", "min_score", "max_score", "higher_is_better", "description", "max_items_per_request", "max_request_bytes", "max_image_pixels")
+    __slots__ = ("name", "version", "min_score", "max_score", "higher_is_better", "description", "max_items_per_request", "max_request_bytes", "max_image_pixels", "pass_threshold")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,7 @@ class RewardInfo(_message.Message):
     MAX_ITEMS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    PASS_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     min_score: float
@@ -72,4 +73,5 @@ class RewardInfo(_message.Message):
     max_items_per_request: int
     max_request_bytes: int
     max_image_pixels: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., min_score: _Optional[float] = ..., max_score: _Optional[float] = ..., higher_is_better: _Optional[bool] = ..., description: _Optional[str] = ..., max_items_per_request: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ...) -> None: ...
+    pass_threshold: float
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., min_score: _Optional[float] = ..., max_score: _Optional[float] = ..., higher_is_better: _Optional[bool] = ..., description: _Optional[str] = ..., max_items_per_request: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., pass_threshold: _Optional[float] = ...) -> None: ...

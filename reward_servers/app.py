@@ -231,7 +231,7 @@ class RewardService:
             name=i["name"], version=i["version"], min_score=i["min_score"], max_score=i["max_score"],
             higher_is_better=i["higher_is_better"], description=i["description"],
             max_items_per_request=self.limits.max_items, max_request_bytes=self.limits.max_request_bytes,
-            max_image_pixels=self.limits.max_image_pixels)
+            max_image_pixels=self.limits.max_image_pixels, pass_threshold=i.get("pass_threshold"))
 
     # ------------------------------------------------------------------ async parts
     def check_token(self, request: Request) -> None:

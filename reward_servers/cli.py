@@ -4,12 +4,18 @@
     diffrl reward serve shapes --port 8101                      # one process, one reward
     diffrl reward serve ocr --host 0.0.0.0 --port 8102 --workers 2 --token-file /run/secrets/reward
     diffrl reward serve onnx scorer.path=model.onnx scorer.mapping=softmax scorer.index=1
+    diffrl reward serve --scorer brightness:BrightnessScorer --port 8106 scorer.target=0.6   # your class
     diffrl reward list
     diffrl bench reward shapes                                  # figures for docs/benchmarks.md
 
 Server keys (host, port, workers, limits.*, execution.*) and the reward's options (``scorer.*``)
 come from an optional YAML recipe and ``key=value`` overrides; ``--host/--port/--workers`` win.
 The bearer token comes from ``--token-file`` or ``DIFFRL_REWARD_TOKEN``, never from a recipe.
+
+``--scorer pkg.module:Class`` serves any Scorer subclass by its import path (its module importable,
+e.g. its folder on ``PYTHONPATH``), or a built-in by name; then there is no NAME argument. The
+reward's name (``/v1/info``, metrics labels) is the class's ``name`` attribute unless ``--name``
+gives one (with NAME or ``--scorer``). See docs/custom_rewards.md.
 """
 
 from __future__ import annotations
@@ -35,12 +41,13 @@ TOKEN_FILE_ENV = "DIFFRL_REWARD_TOKEN_FILE"
 
 # ----------------------------------------------------------------------------- config
 def serve_schema(name: str) -> type:
-    """RewardServerConfig plus a ``scorer`` field holding reward ``name``'s options."""
+    """RewardServerConfig plus a ``scorer`` field holding the options of scorer ``name`` (a built-in
+    name or ``pkg.module:Class``)."""
     from diffrl.reward_servers.scorers import scorer_class
 
     opt_cls = scorer_class(name).Options
     return dataclasses.make_dataclass(
-        f"{name.title().replace('_', '')}ServeConfig",
+        f"{''.join(c for c in name.title() if c.isalnum())}ServeConfig",
         [("scorer", opt_cls, dataclasses.field(default_factory=opt_cls))],
         bases=(RewardServerConfig,),
     )
@@ -66,11 +73,47 @@ def read_token(token_file: str | None) -> str | None:
     return token or None
 
 
-def _options_help() -> str:
+def check_scorer(target: str) -> type:
+    """The Scorer class ``target`` names (a built-in name or ``pkg.module:Class``); a one-line
+    ConfigError for ``--scorer`` if it names none."""
+    from diffrl.reward_servers.scorers import ScorerImportError, scorer_class, scorer_target_problem
+
+    try:
+        return scorer_class(target)
+    except ScorerImportError as err:
+        raise ConfigError(f"--scorer {target}", err.reason) from None
+    except KeyError:
+        raise ConfigError("--scorer", f"expected {scorer_target_problem(target)}, got {target!r}") from None
+
+
+def build_scorer(target: str, options, reward_name: str | None = None):
+    """Scorer ``target`` built from its ``Options``; named ``reward_name`` when given (else its own name)."""
+    from diffrl.reward_servers.scorers import get_scorer
+
+    scorer = get_scorer(target, options)
+    if reward_name:
+        scorer.name = reward_name
+    if not scorer.name:
+        raise ConfigError("--name", f"{target} sets no reward name (its name attribute is empty): pass --name NAME")
+    return scorer
+
+
+def _scorer_arg(argv: list[str]) -> str | None:
+    """The value of ``--scorer`` in a raw command line (for --help, which runs before parsing ends)."""
+    for i, arg in enumerate(argv):
+        if arg == "--scorer" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--scorer="):
+            return arg.partition("=")[2]
+    return None
+
+
+def _options_help(argv: list[str] | None = None) -> str:
     from diffrl.reward_servers.scorers import scorer_class, scorer_names
 
+    target = _scorer_arg(list(argv or []))
     lines = ["", "reward options (scorer.KEY=VALUE):"]
-    for name in scorer_names():
+    for name in [target] if target else scorer_names():
         try:
             cls = scorer_class(name)
         except Exception as err:  # noqa: BLE001 - help must not fail on an optional dependency
@@ -88,12 +131,11 @@ def _options_help() -> str:
 def build_app_from_env():
     """uvicorn factory for worker processes (``workers > 1``): config from ``$DIFFRL_REWARD_SERVE``."""
     from diffrl.reward_servers.app import create_app
-    from diffrl.reward_servers.scorers import get_scorer
 
     spec = json.loads(os.environ[SERVE_ENV])
     cfg = load_config(serve_schema(spec["name"]), spec["recipe"], spec["overrides"])
     token = read_token(os.environ.get(TOKEN_FILE_ENV) or None)
-    scorer = get_scorer(spec["name"], cfg.scorer)
+    scorer = build_scorer(spec["name"], cfg.scorer, spec.get("reward_name"))
     return create_app(scorer, cfg.limits, token=token, execution=cfg.execution)
 
 
@@ -105,16 +147,16 @@ def _latency_note(cfg) -> str:
 
 
 def serve(name: str, cfg, token: str | None, recipe: str | None = None, overrides: list[str] | None = None,
-          token_file: str | None = None) -> int:
-    """Serve reward ``name`` with the resolved ``cfg`` until SIGINT/SIGTERM. With ``workers > 1`` the
-    worker processes rebuild the config from ``recipe`` and ``overrides``."""
+          token_file: str | None = None, reward_name: str | None = None) -> int:
+    """Serve scorer ``name`` (a built-in name or ``pkg.module:Class``) with the resolved ``cfg`` until
+    SIGINT/SIGTERM, as reward ``reward_name`` (default: the scorer's own name). With ``workers > 1``
+    the worker processes rebuild the config from ``recipe`` and ``overrides``."""
     import uvicorn
 
     from diffrl.reward_servers.app import create_app
-    from diffrl.reward_servers.scorers import get_scorer
 
     if cfg.workers == 1:
-        scorer = get_scorer(name, cfg.scorer)
+        scorer = build_scorer(name, cfg.scorer, reward_name)
         app = create_app(scorer, cfg.limits, token=token, execution=cfg.execution)
         sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -123,7 +165,7 @@ def serve(name: str, cfg, token: str | None, recipe: str | None = None, override
         config = uvicorn.Config(app, log_level=cfg.log_level, access_log=False, lifespan="on",
                                 timeout_graceful_shutdown=5)
         server = uvicorn.Server(config)
-        print(f"diffrl reward server {name!r} (version {scorer.version}) on http://{cfg.host}:{port}"
+        print(f"diffrl reward server {scorer.name!r} (version {scorer.version}) on http://{cfg.host}:{port}"
               f"{' (bearer token required)' if token else ''}{_latency_note(cfg)}", flush=True)
         server.run(sockets=[sock])
         return 0
@@ -131,12 +173,12 @@ def serve(name: str, cfg, token: str | None, recipe: str | None = None, override
     mp_dir = tempfile.mkdtemp(prefix="diffrl-reward-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp_dir
     os.environ[SERVE_ENV] = json.dumps({"name": name, "recipe": str(Path(recipe).resolve()) if recipe else None,
-                                        "overrides": list(overrides or [])})
+                                        "overrides": list(overrides or []), "reward_name": reward_name})
     if token_file:
         os.environ[TOKEN_FILE_ENV] = str(Path(token_file).resolve())
     elif token:
         os.environ[TOKEN_ENV] = token
-    print(f"diffrl reward server {name!r} with {cfg.workers} workers on http://{cfg.host}:{cfg.port}"
+    print(f"diffrl reward server {reward_name or name!r} with {cfg.workers} workers on http://{cfg.host}:{cfg.port}"
           f"{' (bearer token required)' if token else ''}{_latency_note(cfg)}", flush=True)
     try:
         uvicorn.run("diffrl.reward_servers.cli:build_app_from_env", factory=True, host=cfg.host, port=cfg.port,
@@ -154,10 +196,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         extra.append(f"port={args.port}")
     if args.workers is not None:
         extra.append(f"workers={args.workers}")
+    target = args.scorer or args.name
+    if args.scorer:
+        check_scorer(target)
+    if args.reward_name is not None and not args.reward_name.strip():
+        raise ConfigError("--name", "expected a non-empty reward name")
     recipe, overrides = _split_recipe(list(args.config))
-    cfg = load_config(serve_schema(args.name), recipe, [*overrides, *extra])
+    cfg = load_config(serve_schema(target), recipe, [*overrides, *extra])
     token = read_token(args.token_file)
-    return serve(args.name, cfg, token, recipe=recipe, overrides=[*overrides, *extra], token_file=args.token_file)
+    return serve(target, cfg, token, recipe=recipe, overrides=[*overrides, *extra], token_file=args.token_file,
+                 reward_name=args.reward_name)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -186,20 +234,27 @@ class _IntermixedParser(argparse.ArgumentParser):
     (``serve ocr --port 8102 scorer.psm=6``): parses with ``parse_known_intermixed_args``."""
 
     _busy = False
-    _lazy_epilog = None  # a callable adding text to --help only when help is shown (imports scorers)
+    _lazy_epilog = None  # a callable(argv) adding text to --help only when help is shown (imports scorers)
+    _post_parse = None  # a callable(namespace) -> an error message or None; may normalise the namespace
+    _argv: tuple[str, ...] = ()
 
     def format_help(self) -> str:
         text = super().format_help()
-        return text + "\n" + self._lazy_epilog() + "\n" if self._lazy_epilog else text
+        return text + "\n" + self._lazy_epilog(self._argv) + "\n" if self._lazy_epilog else text
 
     def parse_known_args(self, args=None, namespace=None):
         if self._busy:
             return super().parse_known_args(args, namespace)
         self._busy = True
+        self._argv = tuple(sys.argv[1:] if args is None else args)
         try:
-            return self.parse_known_intermixed_args(args, namespace)
+            ns, extras = self.parse_known_intermixed_args(args, namespace)
         finally:
             self._busy = False
+        problem = self._post_parse(ns) if self._post_parse else None
+        if problem:
+            self.error(problem)
+        return ns, extras
 
 
 def _intermixed(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -213,12 +268,35 @@ def _reward_names() -> list[str]:
     return scorer_names()
 
 
+def _serve_post_parse(ns: argparse.Namespace) -> str | None:
+    """NAME is a built-in reward unless --scorer is given; then a first positional is the recipe or an override."""
+    names = _reward_names()
+    if ns.scorer is None:
+        if ns.name is None:
+            return "the following arguments are required: NAME (or --scorer pkg.module:Class)"
+        if ns.name not in names:
+            return f"argument NAME: invalid choice: {ns.name!r} (choose from {', '.join(map(repr, names))})"
+    elif ns.name is not None:
+        if ns.name in names:
+            return f"argument NAME: give NAME or --scorer, not both (got {ns.name!r} and --scorer {ns.scorer})"
+        ns.config.insert(0, ns.name)
+        ns.name = None
+    return None
+
+
 def add_serve_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve one reward over HTTP (protobuf and JSON)",
+                       usage="%(prog)s (NAME | --scorer pkg.module:Class) [--name NAME] [options] "
+                             "[RECIPE] [key=value ...]",
                        description="Run one reward server process: POST /v1/score, GET /v1/info, /healthz, "
-                                   "/metrics. See docs/reward_servers.md.",
+                                   "/metrics. See docs/reward_servers.md and docs/custom_rewards.md.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("name", choices=_reward_names(), metavar="NAME", help=f"reward: {', '.join(_reward_names())}")
+    p.add_argument("name", nargs="?", metavar="NAME", help=f"built-in reward: {', '.join(_reward_names())}")
+    p.add_argument("--scorer", metavar="pkg.module:Class",
+                   help="serve this Scorer subclass (its module importable, e.g. on PYTHONPATH) instead of "
+                        "a built-in NAME; a built-in name works too (docs/custom_rewards.md)")
+    p.add_argument("--name", dest="reward_name", metavar="NAME",
+                   help="the reward's name in /v1/info and metrics (default: the scorer's name attribute)")
     p.add_argument("--host", help="interface (default 127.0.0.1; host=...)")
     p.add_argument("--port", type=int, help="TCP port (default 8100; 0 = any free port, printed)")
     p.add_argument("--workers", type=int, help="server processes sharing the port (default 1)")
@@ -228,6 +306,7 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     p.epilog = "server keys:\n" + format_help(RewardServerConfig)
     p.set_defaults(func=cmd_serve)
     _intermixed(p)._lazy_epilog = _options_help
+    p._post_parse = _serve_post_parse
     return p
 
 

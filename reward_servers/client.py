@@ -458,7 +458,9 @@ class RewardClient:
         return list(await asyncio.gather(*(one(g) for g in groups)))
 
     async def info(self, name: str) -> dict[str, Any]:
-        """``GET /v1/info`` of reward ``name`` (first replica that answers)."""
+        """``GET /v1/info`` of reward ``name`` (first replica that answers): every ``RewardInfo`` field by
+        its proto name (uint64 limits as strings, protobuf's JSON mapping); ``pass_threshold`` is None
+        when the reward defines no pass rate, else the float32 value the scores travel in."""
         ep = self.endpoints[name]
         last: Exception | None = None
         for replica in ep.replicas:
@@ -466,9 +468,11 @@ class RewardClient:
                 r = await self.http.get(f"{replica.url}/v1/info", headers={"accept": "application/json"},
                                         timeout=ep.cfg.timeout_s)
                 r.raise_for_status()
-                msg = json_format.Parse(r.content, reward_pb2.RewardInfo())
-                return json_format.MessageToDict(msg, preserving_proto_field_name=True,
+                msg = json_format.Parse(r.content, reward_pb2.RewardInfo(), ignore_unknown_fields=True)
+                info = json_format.MessageToDict(msg, preserving_proto_field_name=True,
                                                  always_print_fields_with_no_presence=True)
+                info["pass_threshold"] = msg.pass_threshold if msg.HasField("pass_threshold") else None
+                return info
             except (httpx.HTTPError, json_format.ParseError) as err:
                 last = err
         raise RewardError(name, "no_replicas", f"no replica answered /v1/info: {last}")

@@ -1,5 +1,11 @@
 """Fixtures shared by several test files."""
 
+import os
+
+# The tests never reach a model hub (the product goes online unless the user sets HF_HUB_OFFLINE);
+# set before anything imports huggingface_hub, which reads it once. Subprocesses and Ray workers inherit it.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import pytest
 
 from diffrl.models.tiny_sd3 import TinySD3Arch, build_tiny_sd3

@@ -9,8 +9,8 @@ import torch
 
 from diffrl.actors.config import SamplerConfig
 from diffrl.actors.prompts import PromptSource
-from diffrl.data import PromptItem
 from diffrl.actors.sampler import MaskedRoundsError, Sampler, sample_seeds
+from diffrl.data import PromptItem
 from diffrl.embedded_redis import EmbeddedRedis
 from diffrl.models.adapter import FlowModel
 from diffrl.models.config import SamplingConfig

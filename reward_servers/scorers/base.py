@@ -16,6 +16,11 @@ Contract:
   reported as an item error too.
 - Options are a dataclass ``Options`` (attribute docstrings, ``validate()``), so the CLI lists and
   type-checks them (``scorer.KEY=VALUE``).
+- ``pass_threshold``: a score at or above it counts as a pass (e.g. OCR's exact text); None when
+  the reward defines no pass rate. Reported by ``/v1/info``.
+
+A class outside this package is served by its import path, ``diffrl reward serve --scorer
+pkg.module:Class`` (docs/custom_rewards.md).
 """
 
 from __future__ import annotations
@@ -40,18 +45,25 @@ class Scorer(ABC):
     ``score_batch`` (and ``check_item`` when they need the prompt or metadata)."""
 
     name: str = ""
-    """Reward name (the registry key; the onnx scorer lets the user choose it)."""
+    """Reward name: /v1/info, metrics labels (the registry key of built-ins; the onnx scorer lets the
+    user choose it; ``diffrl reward serve --name`` overrides it)."""
     version: str = "1"
     """Changes whenever scores for the same input could change."""
     min_score: float = 0.0
     max_score: float = 1.0
     higher_is_better: bool = True
     description: str = ""
+    pass_threshold: float | None = None
+    """A score at or above this counts as a pass; None: the reward defines no pass rate."""
     needs_prompt: bool = False
     """True if the prompt text is required (empty prompts are refused with 422)."""
     prefers_batching: bool = False
     """True if one call on N images is much cheaper than N calls (micro-batching helps)."""
     Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any = None):
+        """Built with its validated ``Options`` instance (None: the defaults), kept as ``self.options``."""
+        self.options = options if options is not None else self.Options()
 
     def check_item(self, prompt: str, metadata: Mapping[str, str]) -> str | None:
         """A message if this item cannot be scored (refused before decoding), else None."""
@@ -76,6 +88,7 @@ class Scorer(ABC):
             "max_score": float(self.max_score),
             "higher_is_better": bool(self.higher_is_better),
             "description": self.description,
+            "pass_threshold": None if self.pass_threshold is None else float(self.pass_threshold),
         }
 
     def close(self) -> None:

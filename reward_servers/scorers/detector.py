@@ -7,6 +7,7 @@ malformed -> 422).
 
 Score with n detected and c asked for: 1 if n == c, else 1 - |n - c| / max(n, c), in [0, 1]
 (e.g. c=2: n=1 -> 0.5, n=3 -> 0.667, n=0 -> 0; c=0: any n>0 -> 0). Details: ``detected``, ``expected``.
+Pass threshold 1.0: exactly the count asked for.
 
 Detection runs on the greyscale image (optionally histogram-equalised) with ``detectMultiScale``;
 each thread has its own classifier (CascadeClassifier objects are not safe to share).
@@ -73,6 +74,7 @@ class DetectorScorer(Scorer):
     min_score = 0.0
     max_score = 1.0
     higher_is_better = True
+    pass_threshold = 1.0  # exactly the count asked for
     Options = DetectorOptions
 
     def __init__(self, options: DetectorOptions | None = None):

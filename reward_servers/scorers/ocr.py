@@ -14,6 +14,7 @@ Score (``scorer.metric``):
   in [0, 1]; extra characters are penalised.
 
 Details per item: ``distance`` (the raw Levenshtein distance, before the cap) and ``chars_read``.
+Pass threshold 1.0: the text was read exactly (distance 0).
 
 Engine: Tesseract 5 (the Debian ``tesseract-ocr`` binary). Rather than one process per image
 (pytesseract: ~80-250 ms each, mostly process start and model load), a whole batch goes to ONE
@@ -188,6 +189,7 @@ class OcrScorer(Scorer):
     min_score = 0.0
     max_score = 1.0
     higher_is_better = True
+    pass_threshold = 1.0  # the quoted text read exactly (distance 0)
     needs_prompt = False  # metadata["text"] may stand in for the prompt; check_item decides
     Options = OcrOptions
 

@@ -4,6 +4,11 @@ score = ``strict`` (1 iff the detected (colour, shape) multiset equals the promp
 ``scorer.score=partial`` gives the dense (count + color + shape + jaccard) / 4 instead (any of the
 sub-scores can be chosen). Details per item: strict, partial, count, color, shape, jaccard,
 num_objects. The prompt must be in the shapes-world grammar (else 422).
+
+Pass threshold 1.0 whichever sub-score is the reward, because each is 1 exactly when its aspect is
+fully right: for strict, partial and jaccard that is the GenEval strict pass (partial = 1 and
+jaccard = 1 iff strict = 1), so their pass rate is strict accuracy; for count, color and shape it is
+"every clause right on that aspect".
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ class ShapesScorer(Scorer):
     max_score = 1.0
     higher_is_better = True
     needs_prompt = True
+    pass_threshold = 1.0  # see the module docstring: 1 = fully right, for every sub-score
     Options = ShapesOptions
 
     def __init__(self, options: ShapesOptions | None = None):

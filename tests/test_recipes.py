@@ -1,0 +1,161 @@
+"""The shipped recipes: every deploy/configs/*.yaml loads and validates; the SD3.5-M recipes share one
+shape and their prompt files are what scripts/make_prompt_data.py writes; and the OCR recipe's shape
+(its algorithm settings: T, CFG 1 sampling, anchor CFG, LoRA, warmup, clip; its sampler and data)
+runs on a tiny SD3 pipeline with a T5 encoder on CPU: one sampler round and one learner step."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from diffrl.actors.prompts import PromptSource
+from diffrl.actors.sampler import Sampler
+from diffrl.config import load_config
+from diffrl.learner.learner import Learner
+from diffrl.learner.ray_learner import load_learner_model
+from diffrl.models.adapter import FlowModel
+from diffrl.models.pretrain import PretrainConfig
+from diffrl.models.tiny_sd3 import TinySD3Arch, build_tiny_sd3
+from diffrl.reward_servers.client import GroupScores
+from diffrl.reward_servers.scorers.ocr import target_text
+from diffrl.schema import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "deploy" / "configs"
+SD35M = ("sd35m-ocr.yaml", "sd35m-geneval.yaml")
+
+
+def load_recipe(path: Path, overrides=()):
+    return load_config(PretrainConfig if path.name.startswith("pretrain") else TrainConfig, path, list(overrides))
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_loads_and_validates(path):
+    cfg = load_recipe(path)
+    if isinstance(cfg, TrainConfig):
+        train, held_out = cfg.data.load()  # the prompt files exist, parse, and hold nothing out twice
+        assert train.items and held_out.items
+
+
+def test_the_sd35m_recipes_follow_the_public_crd_recipe():
+    ocr, geneval = (load_recipe(CONFIGS / name) for name in SD35M)
+    for cfg in (ocr, geneval):
+        m, s, lrn = cfg.model, cfg.sampler, cfg.learner
+        assert (m.path, m.resolution, m.dtype, lrn.dtype) == ("stabilityai/stable-diffusion-3.5-medium", 512,
+                                                               "bfloat16", "bfloat16")
+        assert m.max_sequence_length > 0  # T5 on: text rendering needs it
+        assert lrn.lora.enabled and (lrn.lora.rank, lrn.lora.alpha) == (32, 64.0)
+        assert s.k == 24 and s.sampling.num_steps == 10 and s.sampling.guidance_scale == 1.0
+        assert lrn.algorithm == "crd" and lrn.crd.num_noise_levels == 20 and lrn.crd.kl_cfg_scale == 4.5
+        assert lrn.crd.num_sampling_steps == s.sampling.num_steps and lrn.crd.time_shift == s.sampling.shift
+        assert lrn.lr == 3e-4 and lrn.weight_decay == 1e-4 and lrn.grad_clip == 1.0 and lrn.lr_warmup_steps > 0
+        # 48 prompts per epoch = 2 optimizer steps of 24 groups, produced by the samplers in whole rounds
+        assert lrn.groups_per_step == 24 and lrn.groups_per_step % lrn.world_size == 0
+        assert s.num_samplers * s.groups_per_round == lrn.groups_per_step
+        assert cfg.placement.num_gpus == 1 and s.num_gpus == 1
+    assert [r.name for r in ocr.rewards] == ["ocr"] and [r.name for r in geneval.rewards] == ["detector"]
+    # one shape: only the reward, the prompts and the run's name differ
+    same = replace(geneval, rewards=ocr.rewards, data=ocr.data, run=ocr.run)
+    assert same == ocr
+
+
+def test_the_prompt_files_are_what_the_generator_writes(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "make_prompt_data.py"), "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120, check=True)
+    assert "ocr-train.jsonl" in out.stdout
+    for name in ("ocr-train", "ocr-eval", "geneval-train", "geneval-eval"):
+        assert (tmp_path / f"{name}.jsonl").read_bytes() == (REPO / "deploy" / "data" / f"{name}.jsonl").read_bytes()
+    ocr, geneval = (load_recipe(CONFIGS / name) for name in SD35M)
+    train, held_out = ocr.data.load()
+    assert len(held_out.items) == 64 and len(train.items) >= 300
+    for item in [*train.items, *held_out.items]:  # the quoted text is the metadata's, which the OCR reward reads
+        assert target_text(item.prompt, {}) == item.metadata["text"]
+    assert not {i.metadata["text"] for i in train.items} & {i.metadata["text"] for i in held_out.items}
+    train, held_out = geneval.data.load()
+    assert len(held_out.items) == 64
+    assert {i.metadata["count"] for i in [*train.items, *held_out.items]} == {"1", "2", "3", "4"}
+
+
+# ------------------------------------------------------------------------- the OCR recipe on a tiny SD3
+
+
+class FakeOcr:
+    """Stands in for the OCR servers (tested in test_reward_scorers.py): checks that each group carries
+    its prompt's target text and scores images by brightness, so the group's rewards differ."""
+
+    def __init__(self):
+        self.texts = []
+
+    def score_groups(self, groups):
+        out = []
+        for g in groups:
+            assert g.metadata["text"] == target_text(g.prompt, {})
+            self.texts.append(g.metadata["text"])
+            out.append(GroupScores(scores={"ocr": [float(im.mean()) / 255 for im in g.images]}))
+        return out
+
+
+class ListSink:
+    def __init__(self):
+        self.groups = []
+
+    def publish(self, group):
+        self.groups.append(group)
+        return str(len(self.groups))
+
+    def backlog(self) -> int:
+        return 0
+
+
+@pytest.fixture(scope="module")
+def tiny_t5_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_t5")
+    arch = TinySD3Arch(num_layers=1, num_heads=2, head_dim=16, text_hidden=32, text_projection=16, t5_layers=1)
+    build_tiny_sd3(arch, root / "w").save_pretrained(str(root / "model"))
+    return root / "model"
+
+
+def test_the_ocr_recipe_shape_runs_on_a_tiny_sd3_with_t5(tiny_t5_model):
+    cfg = load_recipe(CONFIGS / "sd35m-ocr.yaml", [
+        f"model.path={tiny_t5_model}", "model.resolution=16", "model.dtype=float32", "model.device=cpu",
+        "learner.dtype=float32", "learner.device=cpu", "learner.world_size=1", "learner.groups_per_step=2",
+        "learner.torch_threads=1", "sampler.k=4", "sampler.groups_per_round=2", "sampler.num_samplers=1",
+        "sampler.num_gpus=0", "placement.num_gpus=0", "learner.checkpoint_every=0"])
+    # what the recipe itself sets is kept: T, the sampler's steps and CFG, the anchor's CFG, LoRA, lr
+    assert cfg.learner.crd.num_noise_levels == 20 and cfg.learner.crd.kl_cfg_scale == 4.5
+    assert cfg.sampler.sampling.guidance_scale == 1.0 and cfg.learner.lora.enabled
+
+    model = FlowModel.from_config(cfg.model)
+    assert model.latent_shape == (3, 16, 16)
+    train, _ = cfg.data.load()
+    emb = model.encode_prompts([train.items[0].prompt])
+    assert emb.hidden.shape[1] == 16 + cfg.model.max_sequence_length  # CLIP tokens, then T5's
+    scorer, sink = FakeOcr(), ListSink()
+    sampler = Sampler("s0", cfg.sampler, model, scorer, sink, PromptSource(train.items, seed=cfg.sampler.seed),
+                      lora=cfg.learner.lora)
+    result = sampler.run_round()
+    assert result.groups == 2 and result.masked == 0 and len(scorer.texts) == 2
+    assert all(tuple(s.latent.shape) == (3, 16, 16) for g in sink.groups for s in g.samples)
+
+    learner = Learner(replace(cfg.learner, reward_weights={"ocr": 1.0}), load_learner_model(cfg.learner, cfg.model),
+                      registry=CollectorRegistry())
+    assert learner.engine.gradient_clipping() == 1.0 and learner.T == 20
+    lora0 = learner.theta_state_dict()
+    assert lora0 and all(".lora_" in k for k in lora0)
+    stats = learner.train_on_groups(sink.groups)
+    assert torch.isfinite(torch.tensor(stats["loss"])) and stats["samples"] == 8
+    assert stats["lr"] == pytest.approx(3e-4 / cfg.learner.lr_warmup_steps)  # the warmup's first step
+    lora = learner.theta_state_dict()
+    changed = [k for k in lora if not torch.equal(lora0[k], lora[k])]
+    b = [k for k in lora if ".lora_B" in k]  # B starts at 0, so A gets no gradient in the first step
+    assert len(changed) >= len(b) - 1 and set(changed) <= set(b)  # (the last block's text query: none)
