@@ -114,16 +114,15 @@ class SamplerActor:
                 "metrics_host": self.metrics_host}
 
 
-def spawn_samplers(specs: list[SamplerSpec], cfg: SamplerConfig, prompts: list[PromptItem],
-                   runtime_env: dict | None = None):
-    """Start one Ray actor per spec (restarted by Ray on failure) over the training ``prompts`` and
-    return their handles."""
+def spawn_samplers(specs: list[SamplerSpec], cfg: SamplerConfig, prompts_ref, runtime_env: dict | None = None):
+    """Start one Ray actor per spec (restarted by Ray on failure) over the training prompts and return
+    their handles. ``prompts_ref``: ``ray.put(list[PromptItem])``, which the caller keeps referenced for
+    as long as the samplers live (Ray re-reads it to restart a sampler actor)."""
     import ray
 
     from diffrl.config import to_yaml
 
     actor_cls = ray.remote(SamplerActor)
-    prompts_ref = ray.put(list(prompts))  # one copy in the object store, read by every sampler
     handles = []
     for spec in specs:
         handles.append(actor_cls.options(

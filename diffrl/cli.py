@@ -132,7 +132,8 @@ def _run_eval_recipe(path: str, out: Path) -> Path:
     from diffrl.schema import EvalCommandConfig, TrainConfig
 
     run_dir, _ = resolve_checkpoint(path)
-    run = load_config(TrainConfig, run_dir / run_folder.CONFIG)
+    resumed = run_dir / run_folder.CONFIG_RESUMED  # the latest recipe of a resumed run
+    run = load_config(TrainConfig, resumed if resumed.is_file() else run_dir / run_folder.CONFIG)
     recipe = out / "eval_recipe.yaml"
     out.mkdir(parents=True, exist_ok=True)
     recipe.write_text(to_yaml(EvalCommandConfig(model=run.model, prompts=run.data.eval, rewards=run.rewards,
@@ -330,12 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="*", help="overrides")
     p.set_defaults(func=cmd_demo)
 
+    from diffrl.export import register as register_export
     from diffrl.report import register as register_report
     from diffrl.status import register as register_status
 
     register_status(sub)
     register_report(sub)
-    __import__("diffrl.export").export.register(sub)  # diffrl export
+    register_export(sub)
     for register in _plugins():
         register(sub, bench)
     return parser

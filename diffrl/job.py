@@ -203,7 +203,8 @@ def train(cfg: TrainConfig) -> Path:
                                  sampler=replace(cfg.sampler, seed=cfg.sampler.seed + 1000 * cfg.run.seed),
                                  rewards=rewards, lora=cfg.learner.lora)
                      for i in range(cfg.sampler.num_samplers)]
-            samplers = spawn_samplers(specs, cfg.sampler, train_prompts.items)
+            prompts_ref = ray.put(train_prompts.items)  # one copy for every sampler, held until the run ends
+            samplers = spawn_samplers(specs, cfg.sampler, prompts_ref)
             sampler_runs = [s.run.remote() for s in samplers]
             stack.callback(_stop_samplers, samplers, sampler_runs)
             sampler_status = ray.get([s.status.remote() for s in samplers])

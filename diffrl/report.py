@@ -1,5 +1,5 @@
-"""``diffrl report RUN_DIR [RUN_DIR ...] [--out DIR] [--target T]``: curves, before/after grids and a
-markdown summary of one or more finished (or partial) ``diffrl train`` run folders.
+"""``diffrl report RUN_DIR [RUN_DIR ...] [--out DIR] [--target T] [--target-metric M]``: curves,
+before/after grids and a markdown summary of one or more finished (or partial) ``diffrl train`` run folders.
 
 Loading is pure: :func:`load_run` reads a run folder into a :class:`Run` (config.yaml, metrics.jsonl,
 eval.jsonl, summary.json, grids/) and never fails on a partial run: a missing file, a truncated last
@@ -16,9 +16,16 @@ Conventions of the figures and tables:
   and a step recorded twice (redone after the resume) keeps its last record;
 - the run's wall time is summary.json's ``seconds`` (start to end of the job, evaluations and set-up
   included) for a finished, never-resumed run, else the wall time of its last step;
-- target strict accuracy: ``--target 0.35`` (absolute) or ``--target +0.10`` (added to the first
-  run's base strict accuracy; the default); a run reaches it at its first evaluation with strict >=
-  target, reported as (step, samples, wall time) or "not reached".
+- held-out rewards: every task's evaluation logs, per reward NAME, ``reward_NAME`` (mean over the
+  images), ``reward_NAME_sem`` (its standard error) and ``pass_NAME`` (pass rate, where the reward has a
+  pass threshold); they are drawn (mean ± sem) and tabled for every run that logged them. The shapes
+  world's keys (``strict``, per-clause accuracy, image metrics) are drawn and tabled only when a run
+  logged them;
+- target: ``--target 0.35`` (absolute) or ``--target +0.10`` (added to the first run's base value; the
+  default) of ``--target-metric`` (default ``strict``, the shapes world's strict accuracy; any held-out
+  metric such as ``reward_ocr`` or ``pass_ocr``); a run reaches it at its first evaluation with the
+  metric >= target, reported as (step, samples, wall time) or "not reached". Runs that were evaluated
+  but have no strict accuracy get no target unless ``--target-metric`` names one.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ ACCURACY_METRICS = ("strict", *CLAUSES)
 FIDELITY_METRICS = ("fidelity", "off_palette", "fid_shapes", "diversity", "diversity_renders")
 """Image metrics of the evaluation (diffrl/evaluation.py), when the run logged them."""
 DEFAULT_TARGET = "+0.10"
+DEFAULT_TARGET_METRIC = "strict"
 
 
 class NotARunFolder(Exception):
@@ -75,12 +83,19 @@ class EvalPoint:
 
 @dataclass(frozen=True)
 class TargetHit:
-    """Where a run first reached the target strict accuracy."""
+    """Where a run first reached the target value of a held-out metric."""
 
     step: int
     samples: int
     seconds: float
-    strict: float
+    value: float
+    """The metric's value at that evaluation."""
+    metric: str = DEFAULT_TARGET_METRIC
+
+    @property
+    def strict(self) -> float:
+        """``value`` under its old name (the target metric was always strict accuracy)."""
+        return self.value
 
 
 @dataclass
@@ -269,7 +284,7 @@ def load_run(path: str | Path) -> Run:
     else:
         eval_records = [{k: v for k, v in r.items() if k != "kind"} for r in metrics if r.get("kind") == "eval"]
         warnings.append("no eval.jsonl" + (f": using the {len(eval_records)} evaluation line(s) of metrics.jsonl"
-                                           if eval_records else ": no held-out accuracy"))
+                                           if eval_records else ": no held-out evaluation"))
     by_step: dict[int, dict] = {}
     for rec in eval_records:
         by_step[int(rec["step"])] = rec  # the last evaluation of a step wins
@@ -306,31 +321,86 @@ def load_runs(args: Sequence[str]) -> list[Run]:
 
 
 # --------------------------------------------------------------------------------- analysis
-def resolve_target(spec: str | float | None, runs: Sequence[Run]) -> tuple[float | None, str]:
-    """``--target`` -> (strict accuracy, how it was chosen). "+D" (default "+0.10") adds D to the first
-    run's base strict accuracy; a plain number is absolute. None when relative and the first run has
-    no evaluation."""
+def has_metric(runs: Sequence[Run], key: str) -> bool:
+    """Whether any evaluation of any run logged ``key``."""
+    return any(key in e.metrics for r in runs for e in r.evals)
+
+
+def reward_names(runs: Sequence[Run]) -> list[str]:
+    """The reward NAMEs of the ``reward_NAME`` held-out metrics, in the order they first appear
+    (``reward_NAME_sem`` is NAME's standard error when ``reward_NAME`` is there too)."""
+    names: list[str] = []
+    for r in runs:
+        for e in r.evals:
+            for key in e.metrics:
+                if not key.startswith("reward_") or (key.endswith("_sem") and key.removesuffix("_sem") in e.metrics):
+                    continue
+                name = key.removeprefix("reward_")
+                if name and name not in names:
+                    names.append(name)
+    return names
+
+
+def shapes_mode(runs: Sequence[Run]) -> bool:
+    """Whether the shapes world's strict-accuracy columns and default target apply: some run logged
+    ``strict``, or no run has any held-out metric (so nothing says which task it was)."""
+    return has_metric(runs, "strict") or not any(e.metrics for r in runs for e in r.evals)
+
+
+def target_metric_for(runs: Sequence[Run], metric: str | None, spec: str | float | None) -> str | None:
+    """``--target-metric`` (None: not given) -> the metric the target is on, or None for no target.
+    Not given: ``strict`` in :func:`shapes_mode`, else no target. Raises ValueError for a ``--target``
+    without a metric the runs have, or a metric no run logged."""
+    if metric is None:
+        if shapes_mode(runs):
+            return DEFAULT_TARGET_METRIC
+        if spec is not None:
+            names = reward_names(runs)
+            example = f"reward_{names[0]}" if names else "reward_NAME"
+            raise ValueError(f"--target {spec}: the default target metric, strict accuracy, is a shapes-world "
+                             f"metric (data.eval = shapes:eval) and these runs have none; name the held-out "
+                             f"metric with --target-metric, e.g. --target-metric {example}")
+        return None
+    metric = metric.strip()
+    if any(r.evals for r in runs) and not has_metric(runs, metric):
+        logged = sorted({k for r in runs for e in r.evals for k in e.metrics})
+        raise ValueError(f"--target-metric {metric}: no evaluation of these runs logged it "
+                         f"(held-out metrics: {', '.join(logged) or 'none'})")
+    return metric
+
+
+def _metric_label(metric: str) -> str:
+    return "strict accuracy" if metric == DEFAULT_TARGET_METRIC else metric
+
+
+def resolve_target(spec: str | float | None, runs: Sequence[Run],
+                   metric: str = DEFAULT_TARGET_METRIC) -> tuple[float | None, str]:
+    """``--target`` -> (value of ``metric``, how it was chosen). "+D" (default "+0.10") adds D to the
+    first run's base value of the metric; a plain number is absolute. None when relative and the first
+    run has no evaluation of the metric."""
     spec = DEFAULT_TARGET if spec is None else str(spec).strip()
     try:
         value = float(spec)
     except ValueError as err:
-        raise ValueError(f"--target {spec!r}: expected an accuracy like 0.35 or an increment like +0.10") from err
+        raise ValueError(f"--target {spec!r}: expected a value like 0.35 or an increment like +0.10") from err
     if not spec.startswith(("+", "-")):
         return value, f"{value:.3f} (absolute)"
     base = runs[0].base if runs else None
-    if base is None or "strict" not in base.metrics:
-        return None, f"base {spec} (the first run has no evaluation: no target)"
-    target = base.metrics["strict"] + value
-    return target, f"{target:.3f} = base strict {base.metrics['strict']:.3f} of {runs[0].name} {spec}"
+    if base is None or metric not in base.metrics:
+        why = "no evaluation" if base is None else f"no base {metric}"
+        return None, f"base {spec} (the first run has {why}: no target)"
+    short = "strict" if metric == DEFAULT_TARGET_METRIC else metric
+    target = base.metrics[metric] + value
+    return target, f"{target:.3f} = base {short} {base.metrics[metric]:.3f} of {runs[0].name} {spec}"
 
 
-def first_reaching(run: Run, target: float | None, metric: str = "strict") -> TargetHit | None:
+def first_reaching(run: Run, target: float | None, metric: str = DEFAULT_TARGET_METRIC) -> TargetHit | None:
     """The first evaluation (by step) with ``metric`` >= target, or None."""
     if target is None:
         return None
     for e in run.evals:
         if e.metrics.get(metric, -math.inf) >= target - 1e-12:
-            return TargetHit(e.step, e.samples, e.seconds, e.metrics[metric])
+            return TargetHit(e.step, e.samples, e.seconds, e.metrics[metric], metric)
     return None
 
 
@@ -365,11 +435,21 @@ def _fmt_hit(hit: TargetHit | None, target: float | None) -> str:
         return "n/a (no target)"
     if hit is None:
         return "not reached"
-    return f"step {hit.step}, {hit.samples} samples, {fmt_seconds(hit.seconds)} (strict {hit.strict:.3f})"
+    short = "strict" if hit.metric == DEFAULT_TARGET_METRIC else hit.metric
+    return f"step {hit.step}, {hit.samples} samples, {fmt_seconds(hit.seconds)} ({short} {hit.value:.3f})"
 
 
-def run_table(run: Run, target: float | None) -> str:
-    """The markdown tables of one run: facts, then accuracy and image metrics base -> final."""
+def _fmt_mean_sem(e: EvalPoint | None, name: str) -> str:
+    """``reward_NAME`` of an evaluation as "mean ± sem" ("mean" without a sem, "n/a" without a mean)."""
+    if e is None or f"reward_{name}" not in e.metrics:
+        return "n/a"
+    sem = e.metrics.get(f"reward_{name}_sem")
+    return f"{e.metrics[f'reward_{name}']:.3f}" + ("" if sem is None else f" ± {sem:.3f}")
+
+
+def run_table(run: Run, target: float | None, metric: str | None = DEFAULT_TARGET_METRIC) -> str:
+    """The markdown tables of one run: facts, then held-out rewards, accuracy and image metrics
+    base -> final. ``metric`` None: no target row."""
     base, final = run.base, run.final
     wall = fmt_seconds(run.wall_seconds) + ("" if run.finished else " (partial)")
     rows = [
@@ -380,8 +460,10 @@ def run_table(run: Run, target: float | None) -> str:
         ("samples trained", str(run.samples)),
         ("wall time", wall),
         ("evaluations", f"{len(run.evals)}" + (f" (steps {base.step} to {final.step})" if base else "")),
-        (f"reached target strict {_fmt(target)}", _fmt_hit(first_reaching(run, target), target)),
     ]
+    if metric is not None:
+        short = "strict" if metric == DEFAULT_TARGET_METRIC else metric
+        rows.append((f"reached target {short} {_fmt(target)}", _fmt_hit(first_reaching(run, target, metric), target)))
     lines = ["| | |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in rows)]
     if base is None:
         return "\n".join(lines) + "\n\nNo held-out evaluation in this run.\n"
@@ -395,13 +477,38 @@ def run_table(run: Run, target: float | None) -> str:
         digits = {"fid_shapes": 2, "fidelity": 4, "off_palette": 4}.get(key, 3)
         sign = "n/a" if change is None else f"{change:+.{digits}f}"
         lines.append(f"| {key} | {_fmt(b, digits)} | {_fmt(f, digits)} | {sign} | {_fmt_pct(relative_change(b, f))} |")
+    for name in reward_names([run]):
+        for key, shown in ((f"reward_{name}", _fmt_mean_sem), (f"pass_{name}", None)):
+            b, f = base.metrics.get(key), final.metrics.get(key)
+            if b is None and f is None:
+                continue
+            change = "n/a" if b is None or f is None else f"{f - b:+.3f}"
+            bs, fs = (shown(base, name), shown(final, name)) if shown else (_fmt(b), _fmt(f))
+            lines.append(f"| {key} | {bs} | {fs} | {change} | {_fmt_pct(relative_change(b, f))} |")
+    masked = [base.metrics.get("eval_groups_masked", 0.0), final.metrics.get("eval_groups_masked", 0.0)]
+    if any(masked):
+        lines.append(f"| eval_groups_masked (not in the means) | {masked[0]:.0f} | {masked[1]:.0f} "
+                     f"| {masked[1] - masked[0]:+.0f} | n/a |")
     return "\n".join(lines) + "\n"
 
 
-def overview_table(runs: Sequence[Run], target: float | None) -> str:
-    lines = [("| run | algorithm | seed | steps | samples | wall time | base strict | final strict "
-              "| off_palette base → final | fid_shapes base → final | target reached at |"),
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+def overview_table(runs: Sequence[Run], target: float | None, metric: str | None = DEFAULT_TARGET_METRIC) -> str:
+    """One row per run. Columns: the run's facts; base and final strict, off_palette and fid_shapes in
+    :func:`shapes_mode`; base → final mean ± sem of every held-out reward and its pass rate where
+    logged; where ``metric`` (the target's; None: no target column) was first reached."""
+    shapes = shapes_mode(runs)
+    names = reward_names(runs)
+    passes = [n for n in names if has_metric(runs, f"pass_{n}")]
+    header = ["run", "algorithm", "seed", "steps", "samples", "wall time"]
+    if shapes:
+        header += ["base strict", "final strict", "off_palette base → final", "fid_shapes base → final"]
+    for n in names:
+        header.append(f"reward_{n} base → final")
+        if n in passes:
+            header.append(f"pass_{n} base → final")
+    if metric is not None:
+        header.append("target reached at" if metric == DEFAULT_TARGET_METRIC else f"target {metric} reached at")
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
 
     def pair(b: EvalPoint | None, f: EvalPoint | None, key: str, digits: int) -> str:
         if b is None or f is None or key not in b.metrics or key not in f.metrics:
@@ -410,14 +517,21 @@ def overview_table(runs: Sequence[Run], target: float | None) -> str:
 
     for r in runs:
         b, f = r.base, r.final
-
-        hit = first_reaching(r, target)
-        reached = "n/a" if target is None else ("not reached" if hit is None else
-                                                f"{hit.samples} samples, {fmt_seconds(hit.seconds)}")
-        lines.append(f"| {r.name} | {r.algorithm} | {'n/a' if r.seed is None else r.seed} | {r.steps}"
-                     f"{'' if r.finished else '*'} | {r.samples} | {fmt_seconds(r.wall_seconds)} "
-                     f"| {_fmt(b.metrics.get('strict') if b else None)} | {_fmt(f.metrics.get('strict') if f else None)} "
-                     f"| {pair(b, f, 'off_palette', 4)} | {pair(b, f, 'fid_shapes', 2)} | {reached} |")
+        cells = [r.name, r.algorithm, "n/a" if r.seed is None else str(r.seed),
+                 f"{r.steps}{'' if r.finished else '*'}", str(r.samples), fmt_seconds(r.wall_seconds)]
+        if shapes:
+            cells += [_fmt(b.metrics.get("strict") if b else None), _fmt(f.metrics.get("strict") if f else None),
+                      pair(b, f, "off_palette", 4), pair(b, f, "fid_shapes", 2)]
+        for n in names:
+            has = [e is not None and f"reward_{n}" in e.metrics for e in (b, f)]
+            cells.append(f"{_fmt_mean_sem(b, n)} → {_fmt_mean_sem(f, n)}" if any(has) else "n/a")
+            if n in passes:
+                cells.append(pair(b, f, f"pass_{n}", 3))
+        if metric is not None:
+            hit = first_reaching(r, target, metric)
+            cells.append("n/a" if target is None else ("not reached" if hit is None else
+                                                       f"{hit.samples} samples, {fmt_seconds(hit.seconds)}"))
+        lines.append("| " + " | ".join(cells) + " |")
     if any(not r.finished for r in runs):
         lines.append("\n\\* partial run (no finished summary.json)")
     return "\n".join(lines) + "\n"
@@ -443,11 +557,39 @@ PANELS = {
                  ("diversity", "within-prompt diversity (dashed: renders)")),
 }
 """Figure name -> panels (metric, title). Each figure is drawn against samples and against wall time."""
+HELDOUT_REWARD_FIGURE = "heldout_reward"
+"""The figure of the held-out rewards (any task): per reward NAME a panel of ``reward_NAME`` (mean ±
+``reward_NAME_sem``) and, where logged, one of ``pass_NAME``; drawn between "training" and "accuracy"."""
+
+
+def figure_panels(runs: Sequence[Run]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """The figures to draw, in order, each with its panels (metric, title): PANELS plus the held-out
+    reward figure, keeping only the panels of metrics some run logged and figures left with a panel."""
+    rewards: list[tuple[str, str]] = []
+    for name in reward_names(runs):
+        rewards.append((f"reward_{name}", f"held-out reward {name} (mean ± sem)"))
+        if has_metric(runs, f"pass_{name}"):
+            rewards.append((f"pass_{name}", f"held-out pass rate {name}"))
+    figures = [("training", list(PANELS["training"])), (HELDOUT_REWARD_FIGURE, rewards),
+               *((f, list(p)) for f, p in PANELS.items() if f != "training")]
+
+    def logged(figure: str, key: str) -> bool:
+        if figure == "training":
+            return any(getattr(p, key) is not None for r in runs for p in r.train)
+        return has_metric(runs, key)
+
+    out = []
+    for figure, panels in figures:
+        panels = [(k, t) for k, t in panels if logged(figure, k)]
+        if panels:
+            out.append((figure, panels))
+    return out
 
 
 def plot_curves(runs: Sequence[Run], out: Path) -> list[Path]:
-    """One PNG per (figure in PANELS, x axis in samples | wall): every run overlaid, labelled with its
-    name and algorithm. Figures whose metrics no run logged are skipped. Returns the files written."""
+    """One PNG per (figure of :func:`figure_panels`, x axis in samples | wall): every run overlaid,
+    labelled with its name and algorithm; a held-out reward with error bars of ± its standard error.
+    Figures and panels whose metrics no run logged are skipped. Returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -456,15 +598,7 @@ def plot_curves(runs: Sequence[Run], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     written = []
-    def has(run: Run, figure: str, key: str) -> bool:
-        if figure == "training":
-            return any(getattr(p, key) is not None for p in run.train)
-        return any(key in e.metrics for e in run.evals)
-
-    for figure, panels in PANELS.items():
-        panels = [(k, t) for k, t in panels if any(has(r, figure, k) for r in runs)]
-        if not panels:
-            continue
+    for figure, panels in figure_panels(runs):
         for axis, xlabel in (("samples", "samples seen"), ("wall", "wall time (min)")):
             fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
             for ax, (key, title) in zip(axes[0], panels):
@@ -480,9 +614,16 @@ def plot_curves(runs: Sequence[Run], out: Path) -> list[Path]:
                         ax.plot(xs, _smooth(ys, window), color=color, label=run.label)
                     else:
                         pts = [e for e in run.evals if key in e.metrics]
+                        if not pts:
+                            continue
                         xs = [e.samples if axis == "samples" else e.seconds / 60 for e in pts]
-                        ax.plot(xs, [e.metrics[key] for e in pts], marker="o", markersize=3, color=color,
-                                label=run.label)
+                        ys = [e.metrics[key] for e in pts]
+                        sems = [e.metrics.get(f"{key}_sem") for e in pts] if key.startswith("reward_") else []
+                        if any(v is not None for v in sems):
+                            ax.errorbar(xs, ys, yerr=[v or 0.0 for v in sems], marker="o", markersize=3,
+                                        capsize=2, color=color, label=run.label)
+                        else:
+                            ax.plot(xs, ys, marker="o", markersize=3, color=color, label=run.label)
                         if key == "diversity":
                             ref = [e for e in run.evals if "diversity_renders" in e.metrics]
                             ax.plot([e.samples if axis == "samples" else e.seconds / 60 for e in ref],
@@ -491,7 +632,12 @@ def plot_curves(runs: Sequence[Run], out: Path) -> list[Path]:
                 ax.set_title(title, fontsize=9)
                 ax.set_xlabel(xlabel)
                 ax.grid(alpha=0.3)
-            axes[0][0].legend(fontsize=7, loc="best")
+            legend: dict = {}  # every run drawn in some panel of the figure, once, in run order
+            for ax in axes[0]:
+                for handle, label in zip(*ax.get_legend_handles_labels()):
+                    legend.setdefault(label, handle)
+            order = [r.label for r in runs if r.label in legend]
+            axes[0][0].legend([legend[k] for k in order], order, fontsize=7, loc="best")
             fig.tight_layout()
             path = out / f"{figure}_{axis}.png"
             fig.savefig(path, dpi=110)
@@ -502,7 +648,8 @@ def plot_curves(runs: Sequence[Run], out: Path) -> list[Path]:
 
 def before_after(run: Run, out: Path) -> Path | None:
     """The first and the last evaluation grid of a run side by side, captioned with step, samples and
-    strict accuracy, as ``grids_<run>.png``; None when the run has no grid."""
+    strict accuracy (a run without strict: each held-out reward's mean ± sem and pass rate), as
+    ``grids_<run>.png``; None when the run has no grid."""
     from PIL import Image, ImageDraw, ImageFont
 
     if not run.grids:
@@ -524,6 +671,12 @@ def before_after(run: Run, out: Path) -> Path | None:
             caption += f", {e.samples} samples"
             if "strict" in e.metrics:
                 caption += f", strict {e.metrics['strict']:.3f}"
+            else:
+                for name in reward_names([run]):
+                    if f"reward_{name}" in e.metrics:
+                        caption += f", {name} {_fmt_mean_sem(e, name)}"
+                    if f"pass_{name}" in e.metrics:
+                        caption += f" (pass {e.metrics[f'pass_{name}']:.3f})"
         draw.text((x + 4, 5), caption, fill=(0, 0, 0), font=font)
         canvas.paste(im, (x, header))
         x += im.width + gap
@@ -534,23 +687,34 @@ def before_after(run: Run, out: Path) -> Path | None:
 
 
 def write_report(runs: Sequence[Run], out: str | Path, target: str | float | None = None,
-                 command: str = "") -> Path:
-    """Figures, grids and report.md under ``out``; returns the path of report.md."""
+                 command: str = "", target_metric: str | None = None) -> Path:
+    """Figures, grids and report.md under ``out``; returns the path of report.md. ``target_metric``
+    None: strict accuracy in :func:`shapes_mode`, else no target (see :func:`target_metric_for`;
+    ValueError for a target it cannot place)."""
     out = Path(out)
+    metric = target_metric_for(runs, target_metric, target)
+    if metric is None:
+        target_value, target_text = None, ("none (the runs have no strict accuracy, a shapes-world metric; "
+                                           "`--target-metric reward_NAME` or `pass_NAME` sets one)")
+    else:
+        target_value, target_text = resolve_target(target, runs, metric)
     out.mkdir(parents=True, exist_ok=True)
-    target_value, target_text = resolve_target(target, runs)
     figures = plot_curves(runs, out)
     grids = {r.name: before_after(r, out) for r in runs}
+    about = ("Held-out metrics are those of `diffrl eval` (docs/shapes_world.md)." if shapes_mode(runs) else
+             "Held-out metrics are those of `diffrl eval`: per reward the mean ± its standard error over the "
+             "held-out images and, where the reward has a pass threshold, the pass rate (docs/your_model.md, "
+             "\"Evaluate\").")
     md = ["# Training report", "",
           f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
           + (f" by `{command}`" if command else "") + ".", "",
-          f"Target strict accuracy: {target_text}.", "",
+          f"Target {_metric_label(metric)}: {target_text}." if metric else f"Target: {target_text}.", "",
           ("Samples seen = samples trained by the learner; an evaluation is placed at the samples and wall "
-           "time of its step. Held-out metrics are those of `diffrl eval` (docs/shapes_world.md)."), ""]
+           f"time of its step. {about}"), ""]
     warned = [(r, w) for r in runs for w in r.warnings]
     if warned:
         md += ["## Warnings", "", *(f"- **{r.name}**: {w}" for r, w in warned), ""]
-    md += ["## Runs", "", overview_table(runs, target_value), "## Curves", ""]
+    md += ["## Runs", "", overview_table(runs, target_value, metric), "## Curves", ""]
     for path in figures:
         if path.stem.endswith("_samples"):
             wall = path.with_name(path.stem.removesuffix("_samples") + "_wall.png")
@@ -559,7 +723,7 @@ def write_report(runs: Sequence[Run], out: str | Path, target: str | float | Non
     if not figures:
         md += ["No curves: no run recorded a step or an evaluation.", ""]
     for r in runs:
-        md += [f"## {r.label}", "", run_table(r, target_value)]
+        md += [f"## {r.label}", "", run_table(r, target_value, metric)]
         if grids[r.name] is not None:
             md += [f"![before and after: {r.name}]({grids[r.name].name})", ""]
     (out / "report.md").write_text("\n".join(md))
@@ -579,8 +743,9 @@ def cmd_report(args: argparse.Namespace) -> int:
             print(f"warning: {r.name}: {w}", file=sys.stderr)
     try:
         command = " ".join(["diffrl report", *args.run_dirs, *(["--out", args.out] if args.out else []),
-                            *(["--target", args.target] if args.target else [])])
-        path = write_report(runs, out, args.target, command=command)
+                            *(["--target", args.target] if args.target else []),
+                            *(["--target-metric", args.target_metric] if args.target_metric else [])])
+        path = write_report(runs, out, args.target, command=command, target_metric=args.target_metric)
     except ValueError as err:
         print(f"diffrl report: {err}", file=sys.stderr)
         return 2
@@ -593,21 +758,28 @@ def register(sub) -> None:
     p = sub.add_parser(
         "report", help="curves, before/after grids and a markdown summary of run folders",
         description="Read one or more `diffrl train` run folders (metrics.jsonl, eval.jsonl, summary.json, "
-                    "config.yaml, grids/) and write under --out: PNG curves of train reward, KL, held-out "
-                    "strict and per-clause accuracy and image metrics (off_palette, fid_shapes, diversity) "
-                    "against samples seen and wall time, every run overlaid (label: run name + algorithm); "
-                    "the first and last evaluation grid of each run side by side; and report.md with a table "
-                    "per run (algorithm, seed, steps, samples, wall time, base and final accuracy, fidelity "
-                    "drift, samples and wall time to reach --target). Partial runs (killed, missing "
-                    "eval.jsonl) are reported with warnings; a path that is not a run folder exits 2.",
+                    "config.yaml, grids/) and write under --out: PNG curves of train reward, KL, the held-out "
+                    "reward of every reward (mean ± standard error) and its pass rate, and on the shapes world "
+                    "held-out strict and per-clause accuracy and image metrics (off_palette, fid_shapes, "
+                    "diversity), against samples seen and wall time, every run overlaid (label: run name + "
+                    "algorithm); the first and last evaluation grid of each run side by side; and report.md "
+                    "with a table per run (algorithm, seed, steps, samples, wall time, base and final held-out "
+                    "rewards and accuracy, fidelity drift, samples and wall time to reach --target of "
+                    "--target-metric). Partial runs (killed, missing eval.jsonl) are reported with warnings; a "
+                    "path that is not a run folder exits 2.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  diffrl report runs/shapes-crd\n"
                "  diffrl report runs/shapes-* --out report --target 0.35\n"
-               "  diffrl report 'runs/*-seed*' --target +0.05   (quoted globs are expanded too)")
+               "  diffrl report 'runs/*-seed*' --target +0.05   (quoted globs are expanded too)\n"
+               "  diffrl report runs/sd35m-ocr --target-metric pass_ocr --target 0.5")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (or glob patterns)")
     p.add_argument("--out", metavar="DIR",
                    help="output folder (default: RUN_DIR/report for one run, ./report for several)")
     p.add_argument("--target", metavar="T", default=None,
-                   help="target strict accuracy: absolute (0.35) or an increment on the first run's base "
-                        f"strict accuracy (+0.10; the default is {DEFAULT_TARGET})")
+                   help="target value of --target-metric: absolute (0.35) or an increment on the first run's "
+                        f"base value (+0.10; the default is {DEFAULT_TARGET})")
+    p.add_argument("--target-metric", metavar="M", default=None,
+                   help="held-out metric of the target: strict (the default; shapes world only), or any logged "
+                        "metric such as reward_ocr or pass_ocr. Runs without strict get no target unless "
+                        "this names one")
     p.set_defaults(func=cmd_report)

@@ -92,7 +92,9 @@ def _learner(samples: Samples) -> dict:
         "algorithm": {stat: value for stat, value in ((stat, _one(samples, name)) for stat, name in _algorithm_gauges())
                       if value is not None},
         "eval": None if eval_step is None else {
-            "step": eval_step, "strict": _one(samples, "diffrl_learner_eval_strict_accuracy"),
+            "step": eval_step, "reward": _by(samples, "diffrl_learner_eval_reward", "reward"),
+            "pass_rate": _by(samples, "diffrl_learner_eval_pass_rate", "reward"),
+            "strict": _one(samples, "diffrl_learner_eval_strict_accuracy"),
             "fidelity": _one(samples, "diffrl_learner_eval_fidelity")},
     }
 
@@ -226,8 +228,11 @@ def format_status(st: dict) -> str:
     ]
     if lr.get("eval"):
         ev = lr["eval"]
-        lines.append(f"  held-out (step {_f(ev['step'], 'd')})  strict {_f(ev['strict'])}  "
-                     f"fidelity {_f(ev['fidelity'])}")
+        held_out = "  ".join(f"{name} {_f(v)}" + (f" (pass {_f(ev['pass_rate'][name])})" if name in ev["pass_rate"]
+                                                   else "") for name, v in sorted(ev.get("reward", {}).items()))
+        if ev.get("strict") is not None:
+            held_out += f"  strict {_f(ev['strict'])}  fidelity {_f(ev['fidelity'])}"
+        lines.append(f"  held-out (step {_f(ev['step'], 'd')})  {held_out}")
     if st["recent"]:
         lines.append("recent steps")
         lines += _table([["step", "reward", "kl", "staleness"]] + [

@@ -56,5 +56,7 @@ def test_eval_end_to_end_on_a_tiny_model(tmp_path):
     assert metrics["images"] == 6
     for key in ("strict", "count", "color", "shape"):
         assert 0.0 <= metrics[key] <= 1.0
-    assert (out_dir / "grid_eval.png").stat().st_size > 0
-    assert "strict" in out.stdout
+    # the shapes reward, served over HTTP: its mean and pass rate (strict match) agree with the detector
+    assert metrics["reward_shapes"] == pytest.approx(metrics["strict"]) and metrics["pass_shapes"] == metrics["strict"]
+    assert (out_dir / "grid.png").stat().st_size > 0
+    assert "strict" in out.stdout and "reward shapes" in out.stdout

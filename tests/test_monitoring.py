@@ -72,7 +72,8 @@ def test_eval_gauges_follow_the_last_evaluation():
                "strict_objects_3": 0.5, "strict_two_kind": 0.0, "fidelity": 0.97, "seconds": 1.5}, step=10)
     m.observe({"strict": 0.5, "count": 0.75, "color": 1.0, "shape": 0.75, "partial": 0.7, "images": 8.0,
                "strict_objects_3": 1.0, "strict_two_kind": 0.5, "fidelity": 0.96, "seconds": 1.2,
-               "fid_shapes": 14.5, "diversity": 0.27, "diversity_renders": 0.28}, step=20)
+               "fid_shapes": 14.5, "diversity": 0.27, "diversity_renders": 0.28,
+               "reward_shapes": 0.7, "reward_shapes_sem": 0.05, "pass_shapes": 0.5}, step=20)
     get = registry.get_sample_value
     assert get("diffrl_learner_eval_strict_accuracy") == 0.5
     assert get("diffrl_learner_eval_clause_accuracy", {"clause": "count"}) == 0.75
@@ -82,7 +83,14 @@ def test_eval_gauges_follow_the_last_evaluation():
     assert get("diffrl_learner_eval_diversity", {"images": "samples"}) == 0.27
     assert get("diffrl_learner_eval_diversity", {"images": "renders"}) == 0.28
     assert get("diffrl_learner_eval_step") == 20 and get("diffrl_learner_evaluations_total") == 2
+    assert get("diffrl_learner_eval_reward", {"reward": "shapes"}) == 0.7
+    assert get("diffrl_learner_eval_pass_rate", {"reward": "shapes"}) == 0.5
+    assert get("diffrl_learner_eval_reward", {"reward": "shapes_sem"}) is None  # the error is not a reward
     assert b'subset="images"' not in generate_latest(registry)
+    # a task without the shapes world: its rewards only
+    other = EvalMetrics.for_registry(CollectorRegistry())
+    other.observe({"reward_ocr": 0.4, "reward_ocr_sem": 0.1, "pass_ocr": 0.25, "images": 8.0, "seconds": 1.0}, step=5)
+    assert other.reward.labels(reward="ocr")._value.get() == 0.4 and other.step._value.get() == 5
 
 
 def test_status_of_runs_that_are_not_running(tmp_path, capsys):

@@ -247,7 +247,8 @@ def test_training_runs_as_a_ray_job(live):
     # held-out evaluation is exported as learner gauges (the final scrape is kept in the run folder)
     final = (live["run_dir"] / "metrics_final.prom").read_text()
     for name in ("diffrl_learner_eval_strict_accuracy", "diffrl_learner_eval_fidelity",
-                 'diffrl_learner_eval_clause_accuracy{clause="count"}'):
+                 'diffrl_learner_eval_clause_accuracy{clause="count"}', 'diffrl_learner_eval_reward{reward="shapes"}',
+                 'diffrl_learner_eval_pass_rate{reward="shapes"}'):
         assert name in final
     assert re.search(rf"^diffrl_learner_eval_step {summary['end_step']}\.0$", final, re.MULTILINE)
 
@@ -289,6 +290,7 @@ def test_status_shows_the_live_run_then_that_it_ended(live):
     assert lr["step"] >= 1 and lr["policy_version"] >= 1 and lr["backlog_groups"] is not None
     assert "total" in lr["reward_mean"] and "shapes" in lr["reward_mean"]
     assert 0 <= lr["eval"]["strict"] <= 1 and 0 <= lr["eval"]["fidelity"] <= 1
+    assert 0 <= lr["eval"]["reward"]["shapes"] <= 1 and 0 <= lr["eval"]["pass_rate"]["shapes"] <= 1
     assert len(st["samplers"]) == 2 and all(s["up"] for s in st["samplers"])
     assert [r["health"] for r in st["rewards"]] == ["ok"] and st["rewards"][0]["requests"] >= 1
     text = format_status(st)

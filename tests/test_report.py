@@ -11,12 +11,14 @@ from PIL import Image
 from diffrl.cli import main
 from diffrl.report import (
     NotARunFolder,
+    figure_panels,
     find_runs,
     first_reaching,
     load_run,
     load_runs,
     relative_change,
     resolve_target,
+    reward_names,
     write_report,
 )
 
@@ -179,3 +181,115 @@ def test_report_command(two_runs, tmp_path, capsys):
     assert exc.value.code == 0
     help_text = capsys.readouterr().out
     assert "--target" in help_text and "--out" in help_text and "exits 2" in help_text
+
+
+def _ocr_eval(step, reward, sem, pass_rate=None, masked=0, **extra):
+    """An eval.jsonl line of a task without the shapes world's keys (e.g. OCR): only reward_* / pass_*."""
+    m = {"step": step, "reward_ocr": reward, "reward_ocr_sem": sem, "eval_groups_masked": float(masked),
+         "images": 8.0, "seconds": 2.0}
+    if pass_rate is not None:
+        m["pass_ocr"] = pass_rate
+    m.update(extra)
+    return m
+
+
+@pytest.fixture
+def ocr_runs(tmp_path):
+    a = make_run(tmp_path, "ocr-a", evals=[_ocr_eval(0, 0.40, 0.02, 0.25), _ocr_eval(2, 0.45, 0.02, 0.375),
+                                          _ocr_eval(4, 0.55, 0.015, 0.5, masked=1)])
+    b = make_run(tmp_path, "ocr-b", algorithm="grpo", seed=1, steps=6, samples=16, dt=5.0, grids=(0, 6),
+                 evals=[_ocr_eval(0, 0.40, 0.02, 0.25, reward_compressibility=-0.3, reward_compressibility_sem=0.01),
+                        _ocr_eval(6, 0.48, 0.018, 0.375, reward_compressibility=-0.25,
+                                  reward_compressibility_sem=0.01)])
+    return a, b
+
+
+def test_report_of_runs_without_shapes_metrics(ocr_runs, tmp_path):
+    runs = load_runs([str(p) for p in ocr_runs])
+    assert all(r.warnings == [] for r in runs)
+    assert reward_names(runs) == ["ocr", "compressibility"]  # reward_ocr_sem is ocr's error, not a reward
+    assert [(f, [k for k, _ in p]) for f, p in figure_panels(runs)] == [
+        ("training", ["reward", "kl"]),
+        ("heldout_reward", ["reward_ocr", "pass_ocr", "reward_compressibility"])]
+    md_path = write_report(runs, tmp_path / "out")
+    out, md = md_path.parent, md_path.read_text()
+    for f in ("training", "heldout_reward"):
+        for axis in ("samples", "wall"):
+            assert (out / f"{f}_{axis}.png").stat().st_size > 1000
+        assert f"]({f}_samples.png)" in md
+    for f in ("accuracy", "fidelity"):  # no empty shapes panels
+        assert not list(out.glob(f"{f}_*.png"))
+    assert (out / "grids_ocr-a.png").is_file() and (out / "grids_ocr-b.png").is_file()
+    assert "Target: none (" in md and "--target-metric" in md
+    assert "strict" not in md.split("## Runs")[1] and "reached target" not in md and "fid_shapes" not in md
+    assert ("| run | algorithm | seed | steps | samples | wall time | reward_ocr base → final | pass_ocr base → final "
+            "| reward_compressibility base → final |") in md
+    assert "| ocr-a | crd | 0 | 4 | 128 | 50 s | 0.400 ± 0.020 → 0.550 ± 0.015 | 0.250 → 0.500 | n/a |" in md
+    assert ("| ocr-b | grpo | 1 | 6 | 96 | 40 s | 0.400 ± 0.020 → 0.480 ± 0.018 | 0.250 → 0.375 "
+            "| -0.300 ± 0.010 → -0.250 ± 0.010 |") in md
+    assert "| reward_ocr | 0.400 ± 0.020 | 0.550 ± 0.015 | +0.150 | +37.5 % |" in md  # per-run table
+    assert "| pass_ocr | 0.250 | 0.500 | +0.250 | +100.0 % |" in md
+    assert "| eval_groups_masked (not in the means) | 0 | 1 | +1 | n/a |" in md
+    assert "| reward_compressibility | -0.300 ± 0.010 | -0.250 ± 0.010 | +0.050 | +16.7 % |" in md
+    assert "## Warnings" not in md
+
+
+def test_target_on_a_reward_metric(ocr_runs, tmp_path, capsys):
+    runs = load_runs([str(p) for p in ocr_runs])
+    with pytest.raises(ValueError, match="shapes-world metric.*--target-metric reward_ocr"):
+        write_report(runs, tmp_path / "x", target="+0.1")  # strict is the default metric: say what is missing
+    with pytest.raises(ValueError, match="--target-metric strict: no evaluation of these runs logged it"):
+        write_report(runs, tmp_path / "x", target_metric="strict")
+    assert resolve_target(None, runs, "reward_ocr")[0] == pytest.approx(0.5)  # base 0.40 + the default 0.10
+    hit = first_reaching(runs[0], 0.5, "reward_ocr")
+    assert (hit.step, hit.samples, hit.seconds, hit.value, hit.metric) == (4, 128, 40.0, 0.55, "reward_ocr")
+    assert first_reaching(runs[1], 0.5, "reward_ocr") is None  # 0.48 < 0.50
+    md = write_report(runs, tmp_path / "out", target_metric="reward_ocr").read_text()
+    assert "Target reward_ocr: 0.500 = base reward_ocr 0.400 of ocr-a +0.10." in md
+    assert "| target reward_ocr reached at |" in md
+    assert "| 0.250 → 0.500 | n/a | 128 samples, 40 s |" in md and "| 0.250 → 0.375 |" in md
+    assert "| reached target reward_ocr 0.500 | step 4, 128 samples, 40 s (reward_ocr 0.550) |" in md
+    assert "| reached target reward_ocr 0.500 | not reached |" in md
+
+    assert main(["report", *map(str, ocr_runs), "--target-metric", "pass_ocr", "--target", "0.375",
+                 "--out", str(tmp_path / "cli")]) == 0
+    md = (tmp_path / "cli" / "report.md").read_text()
+    assert "--target-metric pass_ocr" in md and "0.375 (absolute)" in md
+    assert "| reached target pass_ocr 0.375 | step 2, 64 samples, 20 s (pass_ocr 0.375) |" in md
+    assert "| reached target pass_ocr 0.375 | step 6, 96 samples, 30 s (pass_ocr 0.375) |" in md
+    capsys.readouterr()
+    assert main(["report", str(ocr_runs[0]), "--target", "0.6", "--out", str(tmp_path / "cli2")]) == 2
+    assert "--target-metric" in capsys.readouterr().err and not (tmp_path / "cli2").exists()
+
+
+def test_shapes_and_reward_metrics_together(two_runs, ocr_runs, tmp_path):
+    """A shapes run that also logged its reward keeps its strict columns and target; a run of another
+    task beside it gets n/a there."""
+    shapes = make_run(tmp_path / "new", "crd-r", evals=[_eval(0, 0.2, reward_shapes=0.5, reward_shapes_sem=0.03,
+                                                              pass_shapes=0.2),
+                                                        _eval(4, 0.4, reward_shapes=0.7, reward_shapes_sem=0.02,
+                                                              pass_shapes=0.4)])
+    runs = load_runs([str(shapes), str(ocr_runs[0])])
+    md_path = write_report(runs, tmp_path / "out")
+    md = md_path.read_text()
+    assert "Target strict accuracy: 0.300 = base strict 0.200 of crd-r +0.10." in md
+    assert ("| crd-r | crd | 0 | 4 | 128 | 50 s | 0.200 | 0.400 | 0.0010 → 0.0010 | n/a | 0.500 ± 0.030 → 0.700 ± 0.020 "
+            "| 0.200 → 0.400 | n/a | n/a | 128 samples, 40 s |") in md
+    assert "| ocr-a | crd | 0 | 4 | 128 | 50 s | n/a | n/a | n/a | n/a | n/a | n/a | 0.400 ± 0.020 → 0.550 ± 0.015 " \
+           "| 0.250 → 0.500 | not reached |" in md
+    for f in ("training", "heldout_reward", "accuracy", "fidelity"):
+        assert (md_path.parent / f"{f}_samples.png").is_file()
+    assert [f for f, _ in figure_panels(runs)] == ["training", "heldout_reward", "accuracy", "fidelity"]
+
+
+def test_run_of_another_task_without_eval_jsonl(tmp_path):
+    d = make_run(tmp_path, "ocr-killed", steps=2, evals=[_ocr_eval(0, 0.4, 0.02, 0.25), _ocr_eval(2, 0.5, 0.02, 0.5)],
+                 eval_file=False, summary=False, grids=(0,))
+    run = load_run(d)
+    assert [e.metrics["reward_ocr"] for e in run.evals] == [0.4, 0.5]  # from metrics.jsonl's eval lines
+    assert any("no eval.jsonl" in w for w in run.warnings)
+    md = write_report([run], tmp_path / "out").read_text()
+    assert "## Warnings" in md and "no eval.jsonl" in md and "| reward_ocr | 0.400 ± 0.020 | 0.500 ± 0.020 |" in md
+    assert (tmp_path / "out" / "heldout_reward_samples.png").is_file()
+    empty = make_run(tmp_path, "ocr-none", steps=2, evals=[], eval_file=False, grids=())
+    assert any("no eval.jsonl: no held-out evaluation" in w for w in load_run(empty).warnings)

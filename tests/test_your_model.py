@@ -68,6 +68,15 @@ def test_tiny_sd3_ocr_from_prompts_to_an_exported_model(tmp_path, monkeypatch):
                                                                   abs_tol=0.1)
     assert (tmp_path / "eval-out" / "grid.png").is_file()
     assert np.isfinite(again["pass_ocr"])
+    # a checkpoint folder names its run the same way; the user's overrides win over the run's recipe
+    from diffrl.cli import build_parser, load_eval_config
+
+    args = build_parser().parse_args(["eval", "--model", str(run_dir / "checkpoints" / "step_000003"),
+                                      "--prompts", "shapes:eval", "output_dir=eval-ckpt", "eval.num_steps=7"])
+    cfg, run_path = load_eval_config(args)
+    assert run_path == str(run_dir / "checkpoints" / "step_000003")
+    assert cfg.prompts == "shapes:eval" and cfg.eval.num_steps == 7 and cfg.eval.max_prompts == 4
+    assert [r.name for r in cfg.rewards] == ["ocr"] and cfg.model.path == str(tmp_path / "models" / "tiny-sd3")
 
 
 def test_a_prompt_every_reward_rejects_fails_the_job_with_the_reason(tmp_path, tiny_model, capsys):
