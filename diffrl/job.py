@@ -47,7 +47,7 @@ from diffrl.schema import TrainConfig
 
 log = logging.getLogger(__name__)
 
-STEP_WAIT_S = 30.0
+STEP_WAIT_S = 10.0
 """How long one learner step call waits for experience before the driver looks at the samplers again
 (and calls again)."""
 SUPERVISE_S = 2.0

@@ -111,11 +111,14 @@ class LearnerActor:
     def step(self, max_wait_s: float = 300.0) -> dict | None:
         """Poll until one optimizer step is taken (stats) or ``max_wait_s`` passes (None)."""
         deadline = time.monotonic() + max_wait_s
-        while time.monotonic() < deadline:
-            stats = self.learner.poll_and_step()
+        while True:
+            # past its deadline a rank asks every rank to give up this call at the same poll, so the ranks'
+            # calls stay paired (a rank that just left would leave the others blocked in a collective)
+            stats = self.learner.poll_and_step(stop=time.monotonic() >= deadline)
             if stats is not None:
                 return {k: v for k, v in stats.items() if not k.startswith("_")}
-        return None
+            if self.learner.stop_agreed:
+                return None
 
     def evaluate(self, grid_path: str | None = None) -> dict[str, float]:
         """Held-out rewards of p_samp (what the samplers use) with the fixed eval seeds, scored by the run's

@@ -151,6 +151,11 @@ class StreamLoop:
         self.update_backlog()
         return stats
 
+    @property
+    def stop_agreed(self) -> bool:
+        """Whether the last :meth:`poll_and_step` ended because some rank asked to stop."""
+        return self._stop_agreed
+
     def run(self, max_steps: int | None = None, stop: Callable[[], bool] | None = None) -> int:
         """Poll and train until ``max_steps`` optimizer steps (default ``config.max_steps``; 0 = no
         limit) or until ``stop()`` returns True on any rank; then :meth:`finish`. Returns the step
