@@ -63,7 +63,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from diffrl.models.tiny_sd3 import TinySD3Arch, build_tiny_sd3
 
-    arch = load_from_args(TinySD3Arch, args)
+    recipe, overrides = split_recipe(list(args.config))
+    arch = load_config(TinySD3Arch, recipe, ["max_tokens=77", *overrides])  # CLIP's length: whole prompts
     out = Path(args.out)
     if (out / "model_index.json").exists():
         print(f"diffrl: {out} already holds a pipeline; give another --out", file=sys.stderr)

@@ -323,7 +323,7 @@ def _wrap(text: str, width: int, lines: int) -> list[str]:
 
 
 def _captions(per_image: dict[str, list[float]], n: int) -> list[str]:
-    return [" ".join(f"{name[:5]} {v[i]:.2f}" if not math.isnan(v[i]) else f"{name[:5]} -"
+    return [" ".join(f"{name} {v[i]:.2f}" if not math.isnan(v[i]) else f"{name} -"
                      for name, v in per_image.items()) for i in range(n)]
 
 

@@ -16,6 +16,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().paren
 
 import pytest
 import torch
+from fakes import ListSink
 from prometheus_client import CollectorRegistry
 
 from diffrl.actors.prompts import PromptSource
@@ -103,18 +104,6 @@ class FakeOcr:
             self.texts.append(g.metadata["text"])
             out.append(GroupScores(scores={"ocr": [float(im.mean()) / 255 for im in g.images]}))
         return out
-
-
-class ListSink:
-    def __init__(self):
-        self.groups = []
-
-    def publish(self, group):
-        self.groups.append(group)
-        return str(len(self.groups))
-
-    def backlog(self) -> int:
-        return 0
 
 
 @pytest.fixture(scope="module")

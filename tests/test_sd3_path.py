@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from fakes import ListSink
 
 from diffrl.actors.config import SamplerConfig
 from diffrl.actors.prompts import PromptSource
@@ -47,18 +48,6 @@ class FakeScorer:
 
     def score_groups(self, groups):
         return [GroupScores(scores={"bright": [float(im.mean()) / 255 for im in g.images]}) for g in groups]
-
-
-class ListSink:
-    def __init__(self):
-        self.groups = []
-
-    def publish(self, group):
-        self.groups.append(group)
-        return str(len(self.groups))
-
-    def backlog(self) -> int:
-        return 0
 
 
 # ----------------------------------------------------------------------------------------- resolution
