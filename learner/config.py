@@ -67,6 +67,12 @@ class LearnerConfig:
     """LoRA adapters instead of a full fine-tune."""
     gradient_checkpointing: bool = False
     """Recompute θ's activations in the backward pass (diffusers gradient checkpointing)."""
+    blend_every: int = 1
+    """Snapshot cadence: blend the EMA roles (p_old, p_samp) towards θ after every this many optimizer
+    steps, with the decay d(s) of the step s they happen at. 1 (default): after every step, as the
+    shapes-world results were made. The public CRD and DiffusionNFT code blends once per epoch, which
+    is 2 optimizer steps in their recipes: blend_every=2 reproduces that cadence (at the same decay
+    schedule the snapshots then lag θ about twice as many steps)."""
     max_staleness: int = 4
     """Groups sampled with a p_samp version more than this many versions older than the current one
     are dropped (counted, acknowledged)."""
@@ -155,6 +161,7 @@ class LearnerConfig:
         require(self.dist_backend in ("auto", "nccl", "gloo"), "dist_backend", "auto|nccl|gloo",
                  self.dist_backend)
         require(self.max_staleness >= 0, "max_staleness", "an int >= 0", self.max_staleness)
+        require(self.blend_every >= 1, "blend_every", "an int >= 1 (optimizer steps)", self.blend_every)
         require(self.checkpoint_every >= 0, "checkpoint_every", "an int >= 0", self.checkpoint_every)
         require(self.keep_checkpoints >= 0, "keep_checkpoints", "an int >= 0", self.keep_checkpoints)
         require(self.max_steps >= 0, "max_steps", "an int >= 0", self.max_steps)

@@ -11,7 +11,7 @@ roles' networks, the step's generator, the micro-chunks, batch-wide statistics a
 role (gradient accumulation: each trainable role's DeepSpeed gradient_accumulation_steps = its
 backward passes x chunks, so its optimizer steps exactly once per learner step, on the mean over the
 passes of the batch loss); then blend every EMA role towards its source with s = optimizer steps
-taken (this step included), rank 0 publishes the sampler role as version s, and the step's
+taken (this step included; every ``learner.blend_every`` steps), rank 0 publishes the sampler role as version s, and the step's
 statistics go to the metrics.
 
 The stream loop (``poll_and_step`` / ``run``, ``diffrl.learner.stream``): each rank is consumer
@@ -306,7 +306,8 @@ class Learner(StreamLoop, Checkpointing):
 
         s = self.engine.global_steps  # optimizer steps taken, this one included
         decays = {name: float(snap.spec.decay(s)) for name, snap in self.nets.snapshots.items()}
-        self.nets.blend(decays)
+        if s % self.config.blend_every == 0:  # the snapshot cadence (learner.blend_every)
+            self.nets.blend(decays)
         self.step = s
         self.publish()
 

@@ -93,3 +93,32 @@ def test_linear_warmup_ramps_the_lr_then_holds_it_and_resumes_in_place(model_dir
     assert again.resume() == 2
     resumed = [again.train_on_groups([group(2 * s), group(2 * s + 1)])["lr"] for s in range(2, 5)]
     assert resumed == pytest.approx(lrs[2:5], rel=1e-12)
+
+
+def _flat(module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten().clone() for p in module.parameters()])
+
+
+def test_blend_every_sets_the_snapshot_cadence(model_dir):
+    """learner.blend_every=2 (the public CRD/NFT code's once per epoch): the snapshots move only after
+    every second optimizer step, then with the decay of that step; blend_every=1 moves them every step."""
+    every_step = make_learner(model_dir, config())
+    assert every_step.config.blend_every == 1
+    per_epoch = make_learner(model_dir, config(blend_every=2))
+    for learner in (every_step, per_epoch):
+        before = {name: _flat(learner.nets.module(name)) for name in ("p_old", "p_samp")}
+        learner.train_on_groups([group(1), group(2)])  # optimizer step 1
+        moved_1 = {name: not torch.equal(_flat(learner.nets.module(name)), before[name]) for name in before}
+        after_1 = {name: _flat(learner.nets.module(name)) for name in before}
+        learner.train_on_groups([group(3), group(4)])  # optimizer step 2
+        moved_2 = {name: not torch.equal(_flat(learner.nets.module(name)), after_1[name]) for name in before}
+        if learner is every_step:
+            assert all(moved_1.values()) and all(moved_2.values())
+        else:
+            assert not any(moved_1.values()) and all(moved_2.values())
+    # at step 2 p_samp (decay 0 before step 75) is an exact copy of θ in both cadences
+    for learner in (every_step, per_epoch):
+        torch.testing.assert_close(_flat(learner.nets.module("p_samp")), _flat(learner.nets.module("theta").module),
+                                   rtol=0, atol=0)
+    with pytest.raises(ValueError, match="blend_every"):
+        config(blend_every=0).validate()

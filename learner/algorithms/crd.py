@@ -217,12 +217,13 @@ class CRDConfig:
     adaptive_weighting: bool = True
     """Divide each squared velocity error in R̂ by its detached per-sample mean|v − u| (float64, ≥1e-5)."""
     std_mode: str = "global"
-    """Advantage scale: std of within-group-centered rewards over the whole batch ('global') or per
-    group ('group')."""
+    """Advantage scale: std of within-group-centered rewards over the whole batch ('global'), per group
+    ('group'), or of the raw rewards over the batch ('batch')."""
     adv_clip: float = 5.0
     """Advantages are clipped to ±adv_clip; ã = a/(2·adv_clip) + 0.5 ∈ [0, 1]."""
-    std_eps: float = 1e-8
-    """Where the advantage std is ≤ std_eps (all rewards equal) the advantages are 0."""
+    std_eps: float = 1e-6
+    """Relative tie guard: where the advantage std is ≤ std_eps × the batch's largest |reward| (equal
+    rewards up to float rounding) the advantages are 0 (learner/advantages.py)."""
     num_noise_levels: int = 20
     """T: training noise levels per learner step (gradients accumulated across them)."""
     num_sampling_steps: int = 10
@@ -264,7 +265,7 @@ class CRDConfig:
         require(self.loss_form in LOSS_FORMS, "loss_form", f"one of {LOSS_FORMS}", self.loss_form)
         require(self.std_mode in STD_MODES, "std_mode", f"one of {STD_MODES}", self.std_mode)
         require(self.adv_clip > 0, "adv_clip", "> 0", self.adv_clip)
-        require(self.std_eps > 0, "std_eps", "> 0", self.std_eps)
+        require(0 < self.std_eps < 1, "std_eps", "a relative tolerance in (0, 1)", self.std_eps)
         require(self.num_noise_levels >= 1, "num_noise_levels", ">= 1", self.num_noise_levels)
         require(self.num_sampling_steps >= 0, "num_sampling_steps", ">= 0", self.num_sampling_steps)
         require(self.time_shift > 0, "time_shift", "> 0", self.time_shift)
