@@ -70,9 +70,10 @@ class LearnerConfig:
     blend_every: int = 1
     """Snapshot cadence: blend the EMA roles (p_old, p_samp) towards θ after every this many optimizer
     steps, with the decay d(s) of the step s they happen at. 1 (default): after every step, as the
-    shapes-world results were made. The public CRD and DiffusionNFT code blends once per epoch, which
-    is 2 optimizer steps in their recipes: blend_every=2 reproduces that cadence (at the same decay
-    schedule the snapshots then lag θ about twice as many steps)."""
+    shapes-world results were made. The public CRD and DiffusionNFT code blends once per epoch: 2
+    optimizer steps in the CRD SD3.5-M OCR recipe (and DiffusionNFT's sd3_ocr config), so
+    blend_every=2 reproduces those (at the same decay schedule the snapshots then lag θ about twice
+    as many steps); DiffusionNFT's other SD3 configs take one optimizer step per epoch (= 1)."""
     max_staleness: int = 4
     """Groups sampled with a p_samp version more than this many versions older than the current one
     are dropped (counted, acknowledged)."""

@@ -161,3 +161,48 @@ def noised_chunk(x0: Tensor, eps: Tensor, idx: Tensor, sigma: float, cond_groups
     sig = torch.full((x0_c.shape[0],), sigma, device=device)  # [n]
     return NoisedChunk(x_t=interpolate(x0_c, eps_c, sig), u=velocity_target(x0_c, eps_c), sigma=sig,
                        cond=cond_groups[idx.tolist()].repeat_interleave(K))
+
+
+def per_sample_noise_levels(
+    N: int,
+    T: int,
+    num_sampling_steps: int,
+    shift: float,
+    top_fraction: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """T distinct levels of the sampler's grid for each of N samples, in random order (DiffusionNFT).
+
+    The grid is the sampler's own levels ``sampling_sigmas(S, shift)[:S]`` (1 − k/S, shifted), keeping
+    those ≥ 1 − ``top_fraction`` (M levels; f = 1 keeps all S). Sample i takes the first T entries of
+    a uniformly random permutation of the M levels, drawn independently per sample: column j is the
+    level of the j-th backward pass. This is NVlabs/DiffusionNFT ``scripts/train_nft_sd3.py``, ``main``:
+    ``perms_time = stack([randperm(num_timesteps) for each sample])`` applied to the sampler's
+    ``timesteps``, of which the first ``num_train_timesteps = int(num_steps·timestep_fraction)`` are
+    trained. (A permutation here is the argsort of M uniform draws per sample: one generator call.)
+
+    Returns:
+        ``[N, T]`` float32 on the CPU.
+    """
+    require(N >= 0, "N", ">= 0", N)
+    require(num_sampling_steps >= 1, "num_sampling_steps", ">= 1 (levels are drawn from the sampler's grid)",
+            num_sampling_steps)
+    require(shift > 0, "shift", "> 0", shift)
+    require(0.0 < top_fraction <= 1.0, "top_fraction", "in (0, 1]", top_fraction)
+    grid = sampling_sigmas(num_sampling_steps, shift)[:num_sampling_steps]  # [S] descending, > 0
+    grid = grid[grid >= 1.0 - top_fraction - 1e-12]  # [M]
+    require(1 <= T <= len(grid), "T", f"in [1, {len(grid)}] (distinct levels of the grid per sample)", T)
+    keys = torch.rand(N, len(grid), generator=generator, dtype=torch.float64)  # [N, M]
+    perm = keys.argsort(dim=1)[:, :T]  # [N, T] a random T-subset of the M levels, random order
+    return grid[perm].to(torch.float32)  # [N, T]
+
+
+def noised_chunk_per_sample(x0: Tensor, eps: Tensor, idx: Tensor, sigma: Tensor, cond_groups, device) -> NoisedChunk:
+    """``noised_chunk`` with a level per sample: ``sigma`` is ``[G, K]`` (the batch's), indexed like
+    ``x0`` by the groups ``idx``; x0, eps ``[G, K, C, H, W]``."""
+    K = x0.shape[1]
+    x0_c = x0[idx].flatten(0, 1).to(device)  # [n, C, H, W]
+    eps_c = eps[idx].flatten(0, 1).to(device)  # [n, C, H, W]
+    sig = sigma[idx].reshape(-1).to(device=device, dtype=torch.float32)  # [n]
+    return NoisedChunk(x_t=interpolate(x0_c, eps_c, sig), u=velocity_target(x0_c, eps_c), sigma=sig,
+                       cond=cond_groups[idx.tolist()].repeat_interleave(K))

@@ -31,7 +31,7 @@ from torch import nn
 
 from diffrl.config import ConfigError
 from diffrl.models.config import ModelConfig
-from diffrl.models.sde import sde_sigmas, sde_step_with_noise
+from diffrl.models.sde import sde_grid, sde_step_with_noise
 from diffrl.utils import DTYPES, resolve_device
 
 # Components a StableDiffusion3Pipeline may leave out; passed as None when the folder lacks them.
@@ -345,9 +345,12 @@ class FlowModel:
                        cond.pooled.to(self.device, self.dtype))  # [B, C, H, W]
 
     def guided_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds, scale: float,
-                        transformer: nn.Module | None = None, uncond: PromptEmbeds | None = None
-                        ) -> torch.Tensor:
-        """CFG: v^w = v(·, ∅) + w·(v(·, c) − v(·, ∅)); one batched forward for both halves."""
+                        transformer: nn.Module | None = None, uncond: PromptEmbeds | None = None,
+                        detach_uncond: bool = False) -> torch.Tensor:
+        """CFG: v^w = v(·, ∅) + w·(v(·, c) − v(·, ∅)); one batched forward for both halves.
+        ``detach_uncond``: v(·, ∅) enters without gradient, so the gradient flows only through the
+        conditional branch (times w), as Flow-GRPO trains (scripts/train_sd3.py, ``compute_log_prob``:
+        ``noise_pred_uncond.detach()``); the value is the same."""
         if scale == 1.0:
             return self.velocity(x, sigma, cond, transformer)
         batch = x.shape[0]
@@ -355,6 +358,8 @@ class FlowModel:
         both = self.velocity(torch.cat([x, x]), torch.cat([sigma, sigma]),
                              PromptEmbeds.cat([uncond, cond]), transformer)  # [2B, C, H, W]
         v_uncond, v_cond = both.chunk(2)
+        if detach_uncond:
+            v_uncond = v_uncond.detach()
         return v_uncond + scale * (v_cond - v_uncond)
 
     # ----------------------------------------------------------------- sampling
@@ -395,19 +400,21 @@ class FlowModel:
     @torch.no_grad()
     def sample_sde(self, prompts: Sequence[str], seeds: Sequence[int], num_steps: int = 10,
                    guidance_scale: float = 1.0, shift: float = 1.0, noise_level: float = 0.7,
-                   transformer: nn.Module | None = None, batch_size: int = 64) -> SDETrajectory:
+                   transformer: nn.Module | None = None, batch_size: int = 64,
+                   grid: str = "scheduler") -> SDETrajectory:
         """Flow-GRPO's SDE sampler (models/sde.py) with its trajectory and per-step log-probabilities.
 
         Each sample's randomness comes from one CPU generator seeded with its seed: first the initial
         noise (the same ε as :meth:`sample` draws for that seed), then z for each step in order, so a
         (prompt, seed) pair gives the same trajectory in any batch and on any device. The levels are
-        ``sde_sigmas(num_steps, shift)`` (float64); σ = 1 uses the first level below 1 in g_σ's
-        denominator (``sigma_max``)."""
+        ``sde_grid(num_steps, shift, grid, num_train_timesteps)`` (float64): by default diffusers' SD3
+        scheduler grid that Flow-GRPO samples on, ``grid="uniform"`` the ODE sampler's; σ = 1 uses the
+        first level below 1 in g_σ's denominator (``sigma_max``)."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         if noise_level <= 0:
             raise ValueError(f"noise_level: expected > 0 for SDE sampling, got {noise_level!r}")
-        sigmas = sde_sigmas(num_steps, shift)  # [S + 1] float64
+        sigmas = sde_grid(num_steps, shift, grid, self.num_train_timesteps)  # [S + 1] float64
         sigma_max = float(sigmas[1])  # as GRPOConfig.sigma_max()
         shape = self.latent_shape
         trajectories, log_probs = [], []

@@ -9,6 +9,10 @@ x_σ = x]. One step σ -> σ' < σ, Δ = σ' − σ:
     x_{σ'} = μ + s·z,  μ = x + [v + g_σ²/(2σ)·(x + (1 − σ)·v)]·Δ,  s = g_σ·sqrt(−Δ),
     g_σ = a·sqrt(σ/(1 − σ)),  z ~ N(0, I)
 
+The levels σ_0 = 1 > ... > σ_S = 0 come from ``sde_grid``: by default diffusers' SD3 scheduler grid
+(``scheduler_sigmas``), the one Flow-GRPO samples on; ``grid="uniform"`` is the ODE sampler's
+``sde_sigmas``.
+
 The keys a sampler with ``sampler.record_log_probs`` writes into each ``Sample.extras`` (S = the
 sampler's ``sampling.num_steps``, ``[C, H, W]`` the latent shape) are the ``EXTRA_*`` constants.
 """
@@ -54,12 +58,53 @@ def _bcast(s: Tensor | float, like: Tensor) -> Tensor:
 
 
 def sde_sigmas(num_steps: int, shift: float = 1.0) -> Tensor:
-    """The Euler/SDE sampler's levels ``[num_steps + 1]`` float64 from 1 (pure noise) to 0: σ_k =
+    """The Euler sampler's (uniform) levels ``[num_steps + 1]`` float64 from 1 (pure noise) to 0: σ_k =
     shift·τ/(1 + (shift − 1)·τ), τ = 1 − k/num_steps; step k evaluates the velocity at σ_k and moves
-    to σ_{k+1} (``diffrl.learner.noise_levels.sampling_sigmas`` is this function)."""
+    to σ_{k+1} (``diffrl.learner.noise_levels.sampling_sigmas`` is this function). The SDE sampler uses
+    it with ``grid="uniform"``; its default is ``scheduler_sigmas``."""
     require(num_steps >= 1, "num_steps", ">= 1", num_steps)
     tau = 1.0 - torch.arange(num_steps + 1, dtype=torch.float64) / num_steps  # [S + 1]
     return shift * tau / (1.0 + (shift - 1.0) * tau)  # [S + 1]
+
+
+SDE_GRIDS = ("scheduler", "uniform")
+"""The SDE sampler's σ grids: ``scheduler`` (diffusers' FlowMatchEulerDiscreteScheduler, the grid Flow-GRPO
+samples and trains on; ``scheduler_sigmas``), ``uniform`` (τ_k = 1 − k/S shifted; ``sde_sigmas``)."""
+
+
+def scheduler_sigmas(num_steps: int, shift: float = 1.0, num_train_timesteps: int = 1000) -> Tensor:
+    """The σ grid ``[num_steps + 1]`` float64 of diffusers' ``FlowMatchEulerDiscreteScheduler(
+    num_train_timesteps, shift=shift).set_timesteps(num_steps)`` (static shift; SD3/SD3.5's scheduler
+    config has shift 3.0), the grid Flow-GRPO samples and trains on (flow_grpo/diffusers_patch/
+    sd3_pipeline_with_logprob.py calls ``retrieve_timesteps``; sd3_sde_with_logprob.py reads
+    ``scheduler.sigmas``):
+
+        τ_min = shift(1/N),  τ_k = linspace(1, τ_min, S)_k,  σ_k = shift(τ_k) (k < S),  σ_S = 0
+
+    with shift(τ) = s·τ/(1 + (s − 1)·τ) and N = ``num_train_timesteps``: the scheduler's smallest training
+    level τ_min is itself shifted, then shifted again, so the last non-zero level is shift(shift(1/N))
+    (0.0089 at s = 3, N = 1000; 0.001 at s = 1) instead of shift(1/S) on the uniform grid, and the
+    other levels sit correspondingly lower. Computed in float64 (diffusers: float32, within 1e-7)."""
+    require(num_steps >= 1, "num_steps", ">= 1", num_steps)
+    require(num_train_timesteps >= 1, "num_train_timesteps", ">= 1", num_train_timesteps)
+
+    def shifted(t: Tensor) -> Tensor:
+        return shift * t / (1.0 + (shift - 1.0) * t)
+
+    tau_min = shifted(torch.tensor(1.0 / num_train_timesteps, dtype=torch.float64))  # the scheduler's sigma_min
+    tau = torch.linspace(1.0, float(tau_min), num_steps, dtype=torch.float64)  # [S]
+    return torch.cat([shifted(tau), torch.zeros(1, dtype=torch.float64)])  # [S + 1]
+
+
+def sde_grid(num_steps: int, shift: float = 1.0, grid: str = "scheduler", num_train_timesteps: int = 1000
+             ) -> Tensor:
+    """The SDE sampler's levels ``[num_steps + 1]`` float64, 1 -> 0, on ``grid`` (one of ``SDE_GRIDS``):
+    ``scheduler_sigmas`` or ``sde_sigmas``. The sampler (``FlowModel.sample_sde``) and the GRPO learner
+    (``GRPOConfig.sigmas``) both take their levels from here."""
+    require(grid in SDE_GRIDS, "grid", f"one of {SDE_GRIDS}", grid)
+    if grid == "scheduler":
+        return scheduler_sigmas(num_steps, shift, num_train_timesteps)
+    return sde_sigmas(num_steps, shift)
 
 
 def sde_std(sigma: Tensor | float, noise_level: float, sigma_max: float | None = None) -> Tensor:

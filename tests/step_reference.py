@@ -42,16 +42,26 @@ STEPS, G, K = 3, 2, 4
 PROMPTS = ("a red circle", "two blue squares", "three green triangles", "a yellow square")
 ARCH = TinySD3Arch(image_size=16, patch_size=4, num_layers=2, num_heads=2, head_dim=16, text_hidden=32,
                    text_projection=16)
-SKIP = {"step", "version", "step_seconds", "staleness", "groups", "samples", "lr"}
+SKIP = {"step", "version", "step_seconds", "staleness", "groups", "samples", "lr",
+        "trained_fraction"}  # GRPO's share of samples in the loss, reported since issue 18
 
 # case name -> dotted LearnerConfig overrides (on top of ``base_config``)
 CASES: dict[str, dict] = {
     "crd": {},
     "crd_anchor_levels_chunks": {"crd.num_anchor_levels": 2, "crd.top_fraction": 0.6, "micro_groups": 1},
     "crd_lora_shared_noise": {"lora.enabled": True, "crd.group_shared_noise": True, "crd.decoupled_sampler": False},
-    "nft": {"algorithm": "nft", "nft.num_noise_levels": 3, "nft.beta_kl": 0.01},
+    # recorded with the pre-issue-18 NFT defaults, pinned here since the faithful defaults changed them
+    "nft": {"algorithm": "nft", "nft.num_noise_levels": 3, "nft.beta_kl": 0.01, **{
+        f"nft.{k}": v for k, v in {
+            "loss_space": "velocity", "adaptive_weighting": False, "loss_scale": 1.0, "std_mode": "group",
+            "eps_mode": "relative", "std_eps": 1e-6, "timestep_sampling": "stratified",
+            "top_fraction": 0.99}.items()}},
+    # recorded before issue 18 made Flow-GRPO's reference behaviour the default: pinned to the options
+    # that were the defaults then (exact step KL, gradient through both CFG branches, per-group std, no
+    # zero-advantage skipping, the uniform σ grid)
     "grpo": {"algorithm": "grpo", "grpo.num_sampling_steps": 4, "grpo.guidance_scale": 2.0,
-             "grpo.train_fraction": 0.75},
+             "grpo.train_fraction": 0.75, "grpo.kl_std": "step", "grpo.cfg_uncond_grad": True,
+             "grpo.adv_std": "group", "grpo.skip_zero_adv": False, "grpo.sigma_grid": "uniform"},
 }
 
 
@@ -87,7 +97,8 @@ def _group(step: int, g: int, model: FlowModel, cfg: LearnerConfig) -> experienc
     if cfg.algorithm == "grpo":
         c = cfg.grpo
         traj = model.sample_sde([prompt] * K, [seed + j for j in range(K)], num_steps=c.num_sampling_steps,
-                                guidance_scale=c.guidance_scale, shift=c.time_shift, noise_level=c.noise_level)
+                                guidance_scale=c.guidance_scale, shift=c.time_shift, noise_level=c.noise_level,
+                                grid=c.sigma_grid)
         x0 = traj.latents[:, -1]
     else:
         x0 = torch.stack([(torch.rand(model.latent_shape, generator=gen) * 2 - 1) * 0.5

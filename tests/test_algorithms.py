@@ -554,8 +554,17 @@ def test_every_config_field_has_a_docstring_and_loads_structured(cls):
 def test_nft_reward_weight():
     r = nft.nft_reward_weight(t64([5.0, -5.0, 0.0, 2.5, 10.0]), clip=5.0)
     assert close(r, [1.0, 0.0, 0.5, 0.75, 1.0])
-    s = math.sqrt(1.5)
+    # default (DiffusionNFT): (r − group mean)/(std of all raw rewards + 1e-4); here std = sqrt(2/3)
+    s = 1.0 / (math.sqrt(2 / 3) + 1e-4)
     assert close(nft.nft_optimality(t64([[1, 2, 3]])), [[0.5 - s / 10, 0.5, 0.5 + s / 10]])
+    # two groups: the batch std of the raw rewards mixes them (std of [1, 2, 3, 11, 12, 13])
+    rb = t64([[1, 2, 3], [11, 12, 13]])
+    sb = 1.0 / (float(rb.std(unbiased=False)) + 1e-4)
+    assert close(nft.nft_optimality(rb), [[0.5 - sb / 10, 0.5, 0.5 + sb / 10]] * 2)
+    # the former per-group form
+    s = math.sqrt(1.5)
+    assert close(nft.nft_optimality(rb, std_mode="group", eps=1e-6, eps_mode="relative"),
+                 [[0.5 - s / 10, 0.5, 0.5 + s / 10]] * 2)
 
 
 def test_nft_loss_hand_computed():
@@ -589,21 +598,83 @@ def test_nft_gradient_at_the_old_model():
     assert close(grad[0], torch.zeros(D))
 
 
+def test_nft_x0_loss_hand_computed():
+    # b = 1: v⁺ = v_θ, v⁻ = 2·v_old − v_θ; x_σ = 0 and σ = [0.5, 2] (any values: the loss only sees
+    # x̂0 = x_σ − σ·v), x0 = [[1, 0], [0, 0]], v_old = 0, v_θ = [[−2, 0], [1, 1]]
+    v_theta, v_old = t64([[-2.0, 0.0], [1.0, 1.0]]), torch.zeros(2, 2, dtype=F64)
+    x_t, x0 = torch.zeros(2, 2, dtype=F64), t64([[1.0, 0.0], [0.0, 0.0]])
+    sigma, r = t64([0.5, 2.0]), t64([1.0, 0.25])
+    # sample 0: x̂0⁺ = [1, 0] (exact, error 0 -> w clipped to 1e-5, term 0), x̂0⁻ = [−1, 0]: ‖·‖² = 2, w⁻ = 1
+    # sample 1: x̂0⁺ = [−2, −2]: ‖·‖² = 4, w⁺ = 2 -> 2;  x̂0⁻ = [2, 2]: 4/2 = 2 -> 0.25·2 + 0.75·2 = 2
+    loss, stats = nft.nft_x0_loss(v_theta, v_old, x_t, x0, sigma, r, b=1.0)
+    assert close(loss, (1.0 * 0.0 + 0.0 * 2.0 + 2.0) / 2)
+    assert close(stats["positive_loss"], (0.0 + 2.0) / 2) and close(stats["negative_loss"], (2.0 + 2.0) / 2)
+    plain, _ = nft.nft_x0_loss(v_theta, v_old, x_t, x0, sigma, r, b=1.0, adaptive=False, scale=5.0)
+    assert close(plain, 5.0 * (0.0 + (0.25 * 4 + 0.75 * 4)) / 2)
+
+
 def test_nft_config_and_step_loss():
     c = nft.NFTConfig()
     c.validate()
     assert c.old_ema.decay(100) == pytest.approx(0.1) and c.old_ema.decay(10_000) == 0.5
-    with pytest.raises(ValueError, match="^b:"):
-        nft.NFTConfig(b=0.0).validate()
-    with pytest.raises(ValueError, match="^std_mode:"):
-        nft.NFTConfig(std_mode="raw").validate()
+    # the reference's defaults: 9 of the 10 levels per sample, scale adv_clip/b = 5, β_KL = 1e-4
+    assert (c.grid_levels(), c.levels_per_step(), c.policy_scale(), c.beta_kl) == (10, 9, 5.0, 1e-4)
+    assert (c.loss_space, c.adaptive_weighting, c.std_mode, c.eps_mode, c.std_eps, c.timestep_sampling) == (
+        "x0", True, "batch", "add", 1e-4, "per_sample")
+    assert nft.NFT(c, None).roles()[0].backward_passes == 9
+    assert nft.NFTConfig(num_noise_levels=4).levels_per_step() == 4
+    assert nft.NFTConfig(b=0.1).policy_scale() == pytest.approx(50.0)
+    assert nft.NFTConfig(num_sampling_steps=25).levels_per_step() == 24  # int(25·0.99)
+    assert nft.NFTConfig(top_fraction=0.5, time_shift=1.0).levels_per_step() == 5  # M = 6 levels 1, .9, …, .5
+    bad_configs = [
+        ({"b": 0.0}, "b"), ({"std_mode": "raw"}, "std_mode"), ({"loss_space": "eps"}, "loss_space"),
+        ({"num_noise_levels": 11}, "num_noise_levels"), ({"num_sampling_steps": 0}, "num_sampling_steps"),
+        ({"timestep_sampling": "x"}, "timestep_sampling"), ({"eps_mode": "relative", "std_eps": 2.0}, "std_eps"),
+        ({"loss_scale": 0.0}, "loss_scale"), ({"std_eps": 0.0}, "std_eps"),
+    ]
+    for bad, field in bad_configs:
+        with pytest.raises(ValueError, match=f"^{field}:"):
+            nft.NFTConfig(**bad).validate()
+    nft.NFTConfig(timestep_sampling="stratified", num_sampling_steps=0, num_noise_levels=3).validate()
+    with pytest.raises(ValueError, match="^num_noise_levels:"):
+        nft.NFTConfig(timestep_sampling="stratified", num_sampling_steps=0).validate()
+    # velocity space (the former default), with the KL
     v_theta = t64([[1.0, 1.0], [2.0, 0.0]])
     v_ref = torch.zeros(2, 2, dtype=F64)
     base, _ = nft.nft_loss(v_theta, v_ref, v_ref, t64([0.5, 0.5]), b=1.0)
-    loss, stats = nft.nft_step_loss(
-        v_theta, v_ref, v_ref, t64([0.5, 0.5]), nft.NFTConfig(beta_kl=0.1), v_ref=v_ref
-    )
+    old = nft.NFTConfig(beta_kl=0.1, loss_space="velocity", adaptive_weighting=False, loss_scale=1.0)
+    loss, stats = nft.nft_step_loss(v_theta, v_ref, v_ref, t64([0.5, 0.5]), old, v_ref=v_ref)
     assert close(loss, base + 0.1 * (1.0 + 2.0) / 2) and close(stats["kl_mean"], 1.5)
+    # x0 space (default): the x0 loss times adv_clip/b, the KL added unscaled
+    x_t, x0, sigma = t64([[0.3, -0.2], [0.1, 0.4]]), t64([[1.0, 0.0], [0.5, 0.5]]), t64([0.3, 0.8])
+    x0_loss, _ = nft.nft_x0_loss(v_theta, v_ref, x_t, x0, sigma, t64([0.5, 0.5]), b=1.0)
+    loss, stats = nft.nft_step_loss(v_theta, v_ref, v_ref, t64([0.5, 0.5]), nft.NFTConfig(), v_ref=v_ref,
+                                    x_t=x_t, x0=x0, sigma=sigma)
+    assert close(loss, 5.0 * x0_loss + 1e-4 * 1.5) and close(stats["kl_mean"], 1.5)
+    with pytest.raises(ValueError, match="^x_t:"):
+        nft.nft_step_loss(v_theta, v_ref, v_ref, t64([0.5, 0.5]), nft.NFTConfig(), v_ref=v_ref)
+
+
+def test_nft_per_sample_levels_are_distinct_grid_levels():
+    g = torch.Generator().manual_seed(3)
+    sig = nl.per_sample_noise_levels(64, 9, 10, 3.0, generator=g)  # [N, T]
+    grid = nl.sampling_sigmas(10, 3.0)[:10].float()
+    assert sig.shape == (64, 9) and sig.dtype == torch.float32
+    assert torch.isin(sig, grid).all()
+    assert all(len(set(row.tolist())) == 9 for row in sig)  # 9 distinct levels per sample
+    assert len({tuple(row.tolist()) for row in sig}) > 1  # drawn per sample, not shared
+    # every level is left out about equally often (a uniform random subset), and pass 0 sees every level
+    many = nl.per_sample_noise_levels(2000, 9, 10, 3.0, generator=g)  # [2000, 9]
+    left_out = [grid[~torch.isin(grid, row)].item() for row in many]
+    counts = torch.tensor([left_out.count(v.item()) for v in grid], dtype=F64)
+    assert counts.min() > 150 and counts.max() < 250
+    again = nl.per_sample_noise_levels(64, 9, 10, 3.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(again, sig)
+    # top_fraction keeps the levels σ ≥ 1 − f
+    low = nl.per_sample_noise_levels(8, 3, 10, 1.0, top_fraction=0.35)
+    assert (low >= 0.65 - 1e-6).all()
+    with pytest.raises(ValueError, match="^T:"):
+        nl.per_sample_noise_levels(8, 5, 10, 1.0, top_fraction=0.35)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -692,13 +763,15 @@ def test_grpo_kl_same_std_and_step_loss():
     assert close(kl, ref)
     c = grpo.GRPOConfig()
     c.validate()
-    assert c.num_train_steps() == 9 and math.isclose(c.sigma_max(), 2.7 / 2.8)
+    tau1 = 1 - (1 - 0.003 / 1.002) / 9  # scheduler grid: τ = linspace(1, shift(1/1000), 10), σ = shift(τ)
+    assert c.num_train_steps() == 9 and math.isclose(c.sigma_max(), 3 * tau1 / (1 + 2 * tau1))
+    assert math.isclose(grpo.GRPOConfig(sigma_grid="uniform").sigma_max(), 2.7 / 2.8)
     log_prob = torch.zeros(1, dtype=F64, requires_grad=True)
     loss, stats = grpo.grpo_step_loss(log_prob, torch.zeros(1, dtype=F64), t64([1.0]), c, mu_t, mu_r, 0.5)
     assert close(loss, -1.0 + 0.04 * 5.0) and close(stats["kl"], 5.0)
-    # 'sde' KL std: g_σ instead of g_σ·sqrt(−Δ)
+    # 'sde' KL std (the default, Flow-GRPO's): g_σ instead of the step's g_σ·sqrt(−Δ) ('step')
     std_step = t64(0.35)
-    assert close(grpo.kl_std_for(std_step, 0.5, c), 0.35)
-    assert close(grpo.kl_std_for(std_step, 0.5, grpo.GRPOConfig(kl_std="sde")), 0.7)
+    assert close(grpo.kl_std_for(std_step, 0.5, c), 0.7)
+    assert close(grpo.kl_std_for(std_step, 0.5, grpo.GRPOConfig(kl_std="step")), 0.35)
     with pytest.raises(ValueError, match="^kl_std:"):
         grpo.GRPOConfig(kl_std="x").validate()

@@ -27,7 +27,7 @@ from diffrl.learner.config import LearnerConfig
 from diffrl.learner.learner import Learner
 from diffrl.models.adapter import FlowModel
 from diffrl.models.config import SamplingConfig
-from diffrl.models.sde import EXTRA_LATENTS, EXTRA_LOG_PROBS, EXTRA_SIGMAS, sde_sigmas
+from diffrl.models.sde import EXTRA_LATENTS, EXTRA_LOG_PROBS, EXTRA_SIGMAS, scheduler_sigmas
 from diffrl.models.shapes_world import train_prompts
 from diffrl.proto import experience_pb2
 from diffrl.proto.bus import ExperienceConsumer, ExperienceProducer
@@ -99,6 +99,8 @@ def test_sde_sampler_records_match_the_learner_and_a_grpo_step_trains(tiny_model
     stats = learner.train_on_groups(groups)
     for key in ("loss", "policy_loss", "kl", "clip_fraction", "ratio_mean", "approx_kl", "grad_norm"):
         assert math.isfinite(stats[key]), (key, stats[key])
+    assert stats["trained_fraction"] == 1.0  # no tied rewards among the compressibility scores
+    assert registry.get_sample_value(GRPO.gauges["trained_fraction"][0]) == 1.0
     assert stats["clip_fraction"] == 0.0 and stats["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
     assert stats["grad_norm"] > 0 and stats["samples"] == G * K and learner.step == 1
     theta = learner.theta_state_dict()
@@ -121,7 +123,21 @@ def test_sde_sampler_records_match_the_learner_and_a_grpo_step_trains(tiny_model
 def test_grpo_recipe_needs_a_recording_sde_sampler():
     cfg = load_config(TrainConfig, REPO / "deploy" / "configs" / "shapes-cpu-grpo.yaml")
     assert cfg.learner.algorithm == "grpo" and cfg.sampler.record_log_probs
-    assert torch.equal(sde_sigmas(cfg.sampler.sampling.num_steps, cfg.sampler.sampling.shift), cfg.learner.grpo.sigmas())
+    # the faithful Flow-GRPO defaults: nothing in the recipe re-creates the earlier behaviour
+    g = cfg.learner.grpo
+    assert (g.kl_std, g.adv_std, g.skip_zero_adv, g.cfg_uncond_grad, g.sigma_grid) == ("sde", "batch", True, False,
+                                                                                       "scheduler")
+    assert (g.noise_level, g.num_sampling_steps, g.train_fraction, g.clip_range, g.adv_clip, g.kl_beta) == (
+        0.7, 10, 0.99, 1e-4, 5.0, 0.04)
+    # the learner's levels are the ones the samplers' SDE draws on: diffusers' scheduler grid
+    assert torch.equal(scheduler_sigmas(cfg.sampler.sampling.num_steps, cfg.sampler.sampling.shift), g.sigmas())
+    for overrides, field in [
+        (["learner.grpo.sigma_grid=uniform"], "learner.grpo.sigma_grid"),  # the samplers cannot sample on it
+        (["sampler.sampling.guidance_scale=4.5"], "sampler.sampling.guidance_scale"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            load_config(TrainConfig, REPO / "deploy" / "configs" / "shapes-cpu-grpo.yaml", overrides=overrides)
+        assert err.value.field == field, (overrides, str(err.value))
     for overrides, field in [
         (["learner.algorithm=grpo"], "sampler.record_log_probs"),
         (["learner.algorithm=grpo", "sampler.record_log_probs=true"], "sampler.sampling.sde_noise_level"),

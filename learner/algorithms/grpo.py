@@ -16,11 +16,28 @@ so p(x_{σ'} | x_σ) = N(μ, s²·I) with μ = x_σ + [v + g_σ²/(2σ)(x_σ + (
 s = g_σ·sqrt(−Δ). a = 0 gives the Euler ODE step μ = x_σ + v·Δ. At σ = 1, g is infinite; like the
 reference, ``sigma_max`` (the largest grid level below 1) replaces σ in the denominator 1 − σ.
 
-Training (per denoising step j, samples from the SDE sampler with stored log-probs):
-    ratio = exp(log p_θ(x_{j+1} | x_j) − log p_old(x_{j+1} | x_j))
-    L_clip = mean_i max(−A_i·ratio_i, −A_i·clip(ratio_i, 1 − ε, 1 + ε))
-    L = L_clip + β·mean_i KL(N(μ_θ, s²) ‖ N(μ_ref, s²)),  KL = ‖μ_θ − μ_ref‖²/(2s²)
-with A the group-normalized advantage (r − mean_g r)/(std_g r + eps).
+Training (per denoising step j, samples from the SDE sampler with stored log-probs), the reference
+being yifan123/flow_grpo (files cited per term):
+
+    A_i    = clip( (r_i − mean_g r) / (std_B r + 1e-4), ±5 )      flow_grpo/stat_tracking.py
+             (PerPromptStatTracker.update, global_std=True as config/grpo.py's SD3 configs set: std_B the
+             population std of the raw rewards of the whole batch; the clip in scripts/train_sd3.py)
+    I      = {i : A_i ≠ 0}                                       scripts/train_sd3.py: samples whose
+             advantages are all zero are filtered out of the training set before training
+    v^w    = sg(v(·, ∅)) + w·(v(·, c) − sg(v(·, ∅)))           scripts/train_sd3.py, compute_log_prob
+             (noise_pred_uncond.detach(): the gradient flows through the conditional branch only)
+    ρ_i    = exp(log p_θ(x_{j+1} | x_j) − log p_old(x_{j+1} | x_j))   (per-dimension mean log-densities,
+             flow_grpo/diffusers_patch/sd3_sde_with_logprob.py, sde_step_with_logprob)
+    L_clip = mean_{i∈I} max(−A_i·ρ_i, −A_i·clip(ρ_i, 1 − ε, 1 + ε))   scripts/train_sd3.py (ε = 1e-4)
+    KL_i   = mean_dims (μ_θ,i − μ_ref,i)² / (2·g_σ²)               scripts/train_sd3.py, kl_loss
+             (std_dev_t = g_σ as sde_step_with_logprob returns it, not the step std g_σ·sqrt(−Δ))
+    L_j    = L_clip + β·mean_{i∈I} KL_i                            (β = 0.04, config/grpo.py)
+
+on the σ grid of diffusers' FlowMatchEulerDiscreteScheduler (``models/sde.py``, ``scheduler_sigmas``), for
+the first ⌊0.99·S⌋ steps; the optimizer steps on the mean over j. ``KL_i`` is the exact KL of the two
+step Gaussians N(μ, g_σ²·|Δ|·I) multiplied by |Δ| (4–25× weaker than the exact KL on the 10-step shift-3
+grid, 9× at shift 1); ``kl_std="step"`` is the exact KL. ``GRPOConfig``'s docstring lists every option
+and every remaining deviation from the reference.
 """
 
 from __future__ import annotations
@@ -31,6 +48,7 @@ from typing import ClassVar
 import torch
 
 from diffrl.config import require
+from diffrl.learner.advantages import advantages
 from diffrl.learner.algorithms.base import (
     EMA,
     Algorithm,
@@ -49,15 +67,17 @@ from diffrl.models.sde import (
     EXTRA_GUIDANCE_SCALE,
     EXTRA_NOISE_LEVEL,
     LOG_PROB_REDUCTIONS,
+    SDE_GRIDS,
     gaussian_log_prob,
-    sde_sigmas,
+    sde_grid,
     sde_std,
     sde_step_mean_std,
 )
 
 Tensor = torch.Tensor
 
-KL_STD_MODES = ("step", "sde")
+KL_STD_MODES = ("sde", "step")
+ADV_STD_MODES = ("batch", "group")
 
 
 def sde_step_log_prob(
@@ -76,19 +96,49 @@ def sde_step_log_prob(
     return gaussian_log_prob(x_next, mean, std, reduce), mean, std
 
 
+def grpo_advantages(
+    rewards: Tensor,
+    mask: Tensor | None = None,
+    std_mode: str = "batch",
+    eps: float = 1e-4,
+    clip: float = 5.0,
+) -> Tensor:
+    """Flow-GRPO's advantages, ``[G, K] -> [G, K]`` in the rewards' dtype:
+
+        A_i = clip( (r_i − mean_g r) / (std + eps), ±clip )
+
+    flow_grpo/stat_tracking.py (``PerPromptStatTracker.update``, cleared every epoch so the mean is the
+    group's): ``std_mode="batch"`` (``global_std=True``, config/grpo.py's SD3 configs) takes the
+    population std of the raw rewards of the whole batch, ``"group"`` (``global_std=False``) the
+    group's; ``eps`` = 1e-4 is added to the std; the clip at ``adv_clip_max`` is scripts/train_sd3.py's.
+    Computed by ``diffrl.learner.advantages.advantages(..., eps_mode="add")``.
+
+    Near ties (a deviation): a group whose rewards differ by float rounding only (within-group std at or
+    below ``RELATIVE_EPS`` = 1e-6 x the batch's largest |reward|, ``advantages``' relative guard) gets
+    A = 0 exactly, as an exactly tied group does in the reference, so it is skipped like one: the
+    reference would give such a group advantages of 1e-12 to 1e-7 and keep its samples in the loss (and its
+    KL), which lets reward-server rounding decide the loss normalization. Masked entries get 0.
+    """
+    a, _ = advantages(rewards, mask, std_mode, clip, eps, eps_mode="add")  # [G, K]
+    a_tie, _ = advantages(rewards, mask, "group", clip)  # [G, K] relative guard: 0 on a (near) tie
+    tied = ~(a_tie != 0).any(dim=1, keepdim=True)  # [G, 1]
+    return torch.where(tied, torch.zeros_like(a), a)  # [G, K]
+
+
 def group_advantages(rewards: Tensor, eps: float = 1e-4, mask: Tensor | None = None) -> Tensor:
     """A_i = (r_i − mean_g r)/(std_g r + eps), population std within each prompt group (Flow-GRPO's
-    per-prompt stat tracking). A zero-variance group gives A = 0. ``[G, K] -> [G, K]``; masked
-    entries are left out of the statistics and get 0."""
-    require(rewards.ndim == 2, "rewards", "a [G, K] tensor", tuple(rewards.shape))
-    r = rewards.to(torch.float64)  # [G, K]
-    m = torch.ones_like(r) if mask is None else mask.to(torch.float64)  # [G, K]
-    n = m.sum(dim=1, keepdim=True).clamp_min(1.0)  # [G, 1]
-    mean = (r * m).sum(dim=1, keepdim=True) / n  # [G, 1]
-    c = (r - mean) * m  # [G, K]
-    std = ((c**2).sum(dim=1, keepdim=True) / n).sqrt()  # [G, 1]
-    out_dtype = rewards.dtype if rewards.is_floating_point() else torch.get_default_dtype()
-    return (c / (std + eps)).to(out_dtype)  # [G, K]
+    per-prompt stat tracking with ``global_std=False``), unclipped: ``grpo_advantages(std_mode="group")``.
+    A zero-variance group gives A = 0. ``[G, K] -> [G, K]``; masked entries get 0."""
+    return grpo_advantages(rewards, mask, "group", eps, clip=float("inf"))
+
+
+def train_mask(a: Tensor, mask: Tensor, skip_zero_adv: bool = True) -> Tensor:
+    """The samples the loss is taken over, ``[G, K]`` bool: the valid ones, less those with A = 0 when
+    ``skip_zero_adv`` (scripts/train_sd3.py: ``mask = advantages.abs().sum(dim=1) != 0`` and
+    ``samples = {k: v[mask]}`` before training, so they enter neither the PPO term nor the KL, nor the
+    count the per-batch means divide by)."""
+    m = mask.to(torch.bool)
+    return m & (a != 0) if skip_zero_adv else m
 
 
 def ppo_clip_loss(
@@ -137,34 +187,86 @@ def gaussian_kl_same_std(mean_theta: Tensor, mean_ref: Tensor, std: Tensor | flo
 
 @dataclass
 class GRPOConfig:
-    """Hyperparameters of the Flow-GRPO-style baseline (defaults from the Flow-GRPO code base).
+    """Hyperparameters of the Flow-GRPO baseline. Every default is the reference's (yifan123/flow_grpo:
+    config/base.py and the SD3.5-M configs of config/grpo.py, ``general_ocr_sd3``/``geneval_sd3``, read by
+    scripts/train_sd3.py): noise level 0.7, 10 sampling steps on SD3's scheduler grid at shift 3, CFG 4.5
+    with the unconditional branch detached in training, timestep_fraction 0.99, PPO clip 1e-4, advantage
+    clip 5, global-std advantages + 1e-4 with zero-advantage samples skipped, β = 0.04 with the
+    reference's KL scale, per-dimension mean log-probs, and (learner settings) gradient clip 1.0 and AdamW
+    (0.9, 0.999), weight decay 1e-4, eps 1e-8. This baseline's earlier behaviour stays reachable as options:
+    ``kl_std="step"``, ``cfg_uncond_grad=True``, ``adv_std="group"``, ``skip_zero_adv=False``,
+    ``sigma_grid="uniform"`` (direct ``sample_sde`` callers only, see ``check_recipe``).
 
-    noise_level, num_sampling_steps, time_shift and guidance_scale describe the sampling policy: they
-    must equal the samplers' ``sampling.sde_noise_level``, ``num_steps``, ``shift`` and
-    ``guidance_scale`` (checked when a recipe loads, and per group against its records)."""
+    noise_level, num_sampling_steps, time_shift, guidance_scale and sigma_grid describe the sampling
+    policy: they must equal what the samplers use (``sampling.sde_noise_level``, ``num_steps``, ``shift``,
+    ``guidance_scale``; the SDE sampler's grid is ``scheduler``), checked when a recipe loads and per group
+    against its records.
+
+    Deviations from the reference that remain, each on purpose:
+      * near-tie groups (rewards equal up to float rounding) get A = 0 and are skipped like exact ties
+        (``grpo_advantages``); the reference would keep them with |A| ~ 1e-12 (float64 rewards) to 1e-7
+        (float32);
+      * the skipped samples are not topped up: the reference re-adds random zero-advantage samples until
+        the kept count divides its ``num_batches_per_epoch`` (a mini-batching constraint this learner does
+        not have); here the means are over exactly the nonzero-advantage samples;
+      * the batch is one optimizer step's groups (every rank's): the reference normalizes over an epoch that
+        its SD3 configs split into 2 optimizer steps (gradient_accumulation_steps = num_batches/2); a group
+        is a sampled group (the reference's tracker pools every sample of one prompt text in the epoch);
+      * a step in which no sample has A ≠ 0 still takes its (zero-gradient) optimizer step, since the
+        learner steps every role exactly once per step; AdamW's moments and weight decay still act;
+      * asynchrony: samplers run on p_samp = θ of up to ``learner.max_staleness`` versions ago; the ratio
+        is against the recorded log-probs, so stale samples are weighted as in PPO (the reference samples
+        and trains in lockstep, 1 inner epoch);
+      * the reference keeps an EMA of the LoRA weights (``train.ema``: decay 0.9 every 8 steps) for its
+        evaluations and checkpoints only; here evaluations and exports measure p_samp = θ;
+      * LoRA (r 32, α 64), lr 3e-4 and fp16 are learner settings (``learner.lora``, ``learner.lr``,
+        ``learner.dtype``), set per recipe; σ levels are float64 (diffusers: float32, within 1e-7); the
+        reference's log-density constant uses a float32 π (a 1.6e-8 offset that cancels in the ratio).
+    """
 
     noise_level: float = 0.7
-    """a in the SDE diffusion g_σ = a·sqrt(σ/(1 − σ))."""
+    """a in the SDE diffusion g_σ = a·sqrt(σ/(1 − σ)) (Flow-GRPO: config/base.py ``sample.noise_level``)."""
     num_sampling_steps: int = 10
-    """SDE sampler steps for training rollouts (log-probs recorded for each)."""
+    """SDE sampler steps for training rollouts, log-probs recorded for each (config/grpo.py: 10)."""
     time_shift: float = 3.0
-    """SD3 shift of the sampler's schedule."""
-    guidance_scale: float = 1.0
+    """Shift of the sampler's σ grid (SD3/SD3.5's scheduler config: 3.0)."""
+    sigma_grid: str = "scheduler"
+    """The σ grid: 'scheduler' = diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps grid that
+    Flow-GRPO samples on (models/sde.py, ``scheduler_sigmas``); 'uniform' = τ_k = 1 − k/S shifted (the
+    ODE sampler's grid, this baseline's earlier default; the recipe samplers cannot sample on it)."""
+    guidance_scale: float = 4.5
     """CFG scale w of the policy's velocity v^w = v(·, ∅) + w·(v(·, c) − v(·, ∅)) in the SDE step, for
-    sampling and training alike (Flow-GRPO: 4.5 on SD3); 1 = no CFG."""
+    sampling and training alike (config/grpo.py: 4.5 on SD3.5-M, ``train.cfg=True``); 1 = no CFG."""
+    cfg_uncond_grad: bool = False
+    """False (Flow-GRPO, scripts/train_sd3.py ``compute_log_prob``: ``noise_pred_uncond.detach()``): θ's
+    gradient flows only through the conditional branch, with coefficient w. True: through both branches
+    (the unconditional one with coefficient 1 − w), this baseline's earlier behaviour."""
     train_fraction: float = 0.99
-    """Fraction of the denoising steps (from the noisiest) trained on per sample."""
+    """Fraction of the denoising steps (from the noisiest) trained on per sample (``timestep_fraction``)."""
     clip_range: float = 1e-4
-    """PPO clip ε on the ratio (tiny because the log-probs are per-dimension means)."""
+    """PPO clip ε on the ratio (config/base.py ``train.clip_range``; tiny because the log-probs are
+    per-dimension means)."""
     adv_clip: float = 5.0
-    """Advantages are clipped to ±adv_clip in the PPO loss."""
+    """Advantages are clipped to ±adv_clip in the PPO loss (``train.adv_clip_max``)."""
+    adv_std: str = "batch"
+    """Std of the advantages: 'batch' = population std of the raw rewards over the whole batch (every
+    rank's groups; flow_grpo/stat_tracking.py with ``global_std=True``, as config/grpo.py's SD3 configs
+    set), 'group' = each prompt group's own std (``global_std=False``; the earlier default here)."""
     adv_eps: float = 1e-4
-    """eps in A = (r − mean_g r)/(std_g r + eps)."""
+    """eps in A = (r − mean_g r)/(std + eps) (stat_tracking.py: + 1e-4)."""
+    skip_zero_adv: bool = True
+    """Leave samples with A = 0 out of the loss, PPO term and KL alike, and out of the count the means
+    divide by (scripts/train_sd3.py filters them out of the training set). False: every valid sample
+    counts (the earlier behaviour)."""
     kl_beta: float = 0.04
-    """β of the KL to the frozen reference (0 = off)."""
-    kl_std: str = "step"
-    """Std in the KL's denominator: 'step' = the step's true std g·sqrt(−Δ) (the exact Gaussian KL),
-    'sde' = g alone, as in the Flow-GRPO code (a KL scaled by 1/|Δ|)."""
+    """β of the KL to the frozen reference (config/grpo.py ``train.beta``: 0.04 for OCR and GenEval,
+    0.01 for PickScore; 0 = off)."""
+    kl_std: str = "sde"
+    """Std s_KL in KL_i = mean_dims (μ_θ − μ_ref)²/(2·s_KL²). 'sde' (Flow-GRPO, scripts/train_sd3.py
+    ``kl_loss`` with ``std_dev_t`` from sd3_sde_with_logprob.py): s_KL = g_σ, the diffusion coefficient
+    alone, which is the exact KL of the two step Gaussians times |Δ| (weaker: |Δ| < 1). 'step': s_KL =
+    g_σ·sqrt(|Δ|), the step's own std, the exact KL = the reference's divided by |Δ| (4–25× stronger on
+    the 10-step shift-3 grid, 9× at shift 1; the earlier default here)."""
     log_prob_reduce: str = "mean"
     """Reduction of the per-element log-density: 'mean' (Flow-GRPO) or 'sum' (joint)."""
 
@@ -179,6 +281,8 @@ class GRPOConfig:
         require(self.adv_eps >= 0, "adv_eps", ">= 0", self.adv_eps)
         require(self.kl_beta >= 0, "kl_beta", ">= 0", self.kl_beta)
         require(self.kl_std in KL_STD_MODES, "kl_std", f"one of {KL_STD_MODES}", self.kl_std)
+        require(self.adv_std in ADV_STD_MODES, "adv_std", f"one of {ADV_STD_MODES}", self.adv_std)
+        require(self.sigma_grid in SDE_GRIDS, "sigma_grid", f"one of {SDE_GRIDS}", self.sigma_grid)
         require(
             self.log_prob_reduce in LOG_PROB_REDUCTIONS,
             "log_prob_reduce",
@@ -186,13 +290,16 @@ class GRPOConfig:
             self.log_prob_reduce,
         )
 
-    def sigmas(self) -> Tensor:
-        """The SDE sampler's levels ``[num_sampling_steps + 1]`` (1 -> 0, shifted)."""
-        return sde_sigmas(self.num_sampling_steps, self.time_shift)  # the samplers' very function
+    def sigmas(self, num_train_timesteps: int = 1000) -> Tensor:
+        """The SDE sampler's levels ``[num_sampling_steps + 1]`` float64 (1 -> 0) on ``sigma_grid``:
+        ``models.sde.sde_grid``, the samplers' very function (``num_train_timesteps``: the model's
+        scheduler's, which the scheduler grid's smallest level depends on)."""
+        return sde_grid(self.num_sampling_steps, self.time_shift, self.sigma_grid, num_train_timesteps)
 
-    def sigma_max(self) -> float:
-        """The largest level below 1, used for σ = 1 in g_σ's denominator."""
-        return float(self.sigmas()[1])
+    def sigma_max(self, num_train_timesteps: int = 1000) -> float:
+        """The largest level below 1, used for σ = 1 in g_σ's denominator (sd3_sde_with_logprob.py:
+        ``sigma_max = self.sigmas[1]``)."""
+        return float(self.sigmas(num_train_timesteps)[1])
 
     def num_train_steps(self) -> int:
         """Denoising steps trained on per sample: the first ⌊train_fraction·S⌋ (at least 1), as
@@ -203,8 +310,9 @@ class GRPOConfig:
 def kl_std_for(
     std_step: Tensor, sigma: Tensor | float, config: GRPOConfig, sigma_max: float | None = None
 ) -> Tensor:
-    """The std used in the KL per ``config.kl_std``: the step std itself ('step'), or g_σ ('sde'),
-    shaped like ``std_step`` (``[]`` or ``[N, 1, ..., 1]``)."""
+    """The std s_KL of the KL per ``config.kl_std``: g_σ ('sde', Flow-GRPO's ``std_dev_t``: σ = 1 uses
+    ``sigma_max`` as in sd3_sde_with_logprob.py) or the step std g_σ·sqrt(−Δ) itself ('step'), shaped
+    like ``std_step`` (``[]`` or ``[N, 1, ..., 1]``)."""
     if config.kl_std == "step":
         return std_step
     g = sde_std(torch.as_tensor(sigma, dtype=torch.float64), config.noise_level, sigma_max)  # [] or [N]
@@ -250,12 +358,17 @@ def grpo_step_loss(
 
 @register
 class GRPO(Algorithm):
-    """The Flow-GRPO-style baseline on the learner's seam: θ (trainable), p_old = an exact copy of θ
+    """The Flow-GRPO baseline on the learner's seam: θ (trainable), p_old = an exact copy of θ
     after every step (EMA decay 0: the samplers follow the policy being trained, and the recorded
-    log-probs make stale samples correct) and the frozen base model (the KL reference). It trains on
-    trajectory records: per denoising step j of the first ``num_train_steps()``, log p_θ(x_{j+1} | x_j)
-    recomputed with θ's (CFG) velocity at the recorded x_j, the PPO-clipped ratio against the recorded
-    log-prob, plus β·KL of θ's step to the base model's; one backward per step and micro-chunk."""
+    log-probs make stale samples correct) and the frozen base model (the KL reference; the reference
+    code disables its LoRA adapters for it). It trains on trajectory records: advantages over the whole
+    batch (``grpo_advantages``), the samples with A ≠ 0 (``train_mask``), and per denoising step j of
+    the first ``num_train_steps()``, log p_θ(x_{j+1} | x_j) recomputed with θ's CFG velocity (the
+    unconditional branch detached) at the recorded x_j, the PPO-clipped ratio against the recorded
+    log-prob, plus β·KL of θ's step mean to the base model's; one backward per step and micro-chunk,
+    each chunk weighted by its share of the rank's trained samples, so the step's loss is the mean over
+    those samples as in the reference (scripts/train_sd3.py: per-process mean over the filtered
+    samples, then the data-parallel mean over processes)."""
 
     name = "grpo"
     config_class = GRPOConfig
@@ -266,12 +379,21 @@ class GRPO(Algorithm):
         "ratio_mean": ("diffrl_learner_grpo_ratio_mean", "GRPO: mean ratio p_theta/p_sampler."),
         "approx_kl": ("diffrl_learner_grpo_approx_kl", "GRPO: half the mean squared log-ratio."),
         "policy_loss": ("diffrl_learner_grpo_policy_loss", "GRPO: PPO-clipped surrogate loss."),
+        "trained_fraction": ("diffrl_learner_grpo_trained_fraction",
+                             "GRPO: fraction of the valid samples in the loss (nonzero advantage)."),
     }
 
     def __init__(self, config: GRPOConfig, learner_config):
         super().__init__(config, learner_config)
-        self.sigmas = config.sigmas()  # [S + 1] float64
         self.T = config.num_train_steps()
+        self._grids: dict[int, Tensor] = {}
+
+    def sigmas(self, model) -> Tensor:
+        """The σ grid ``[S + 1]`` float64 for ``model`` (its scheduler's ``num_train_timesteps``)."""
+        n = int(getattr(model, "num_train_timesteps", 1000))
+        if n not in self._grids:
+            self._grids[n] = self.config.sigmas(n)
+        return self._grids[n]
 
     def roles(self):
         return [Trainable("theta", backward_passes=self.T), EMA("p_old", "theta", lambda s: 0.0), Frozen("anchor")]
@@ -280,6 +402,9 @@ class GRPO(Algorithm):
     def check_recipe(cls, config: GRPOConfig, sampler) -> None:
         """The samplers record log-probs with the SDE and schedule that ``learner.grpo`` recomputes."""
         super().check_recipe(config, sampler)
+        require(config.sigma_grid == "scheduler", "learner.grpo.sigma_grid",
+                "'scheduler' (the samplers' SDE samples on the scheduler grid; 'uniform' is for direct "
+                "FlowModel.sample_sde(grid='uniform') callers)", config.sigma_grid)
         s = sampler.sampling
         for field_name, have, want, learner_field in (
             ("sde_noise_level", s.sde_noise_level, config.noise_level, "noise_level"),
@@ -297,8 +422,9 @@ class GRPO(Algorithm):
         if len(sigmas) != c.num_sampling_steps + 1:
             return (f"{len(sigmas) - 1} recorded steps, expected {c.num_sampling_steps} "
                     f"(learner.grpo.num_sampling_steps={c.num_sampling_steps})")
-        if not torch.allclose(sigmas, self.sigmas, rtol=0.0, atol=1e-6):
-            return "recorded noise levels differ from learner.grpo's schedule (num_sampling_steps, time_shift)"
+        if not torch.allclose(sigmas, self.sigmas(model), rtol=0.0, atol=1e-6):
+            return ("recorded noise levels differ from learner.grpo's schedule (num_sampling_steps, time_shift, "
+                    "sigma_grid)")
         for key, mine, name in ((EXTRA_NOISE_LEVEL, c.noise_level, "noise_level"),
                                 (EXTRA_GUIDANCE_SCALE, c.guidance_scale, "guidance_scale")):
             theirs = float(extra_tensor(sample, key))
@@ -308,36 +434,47 @@ class GRPO(Algorithm):
 
     def step(self, batch, ctx: StepContext) -> StepResult:
         c = self.config
-        # per prompt group: (r − mean_g r)/(std_g r + eps), no cross-rank statistics
-        a = group_advantages(batch.rewards, c.adv_eps, batch.mask if batch.padded else None)  # [G, K]
+        # A over every rank's groups (the batch std), then the samples the loss is taken over
+        (a,) = ctx.batch_wide(lambda r, m: (grpo_advantages(r, m, c.adv_std, c.adv_eps, c.adv_clip),),
+                              batch.rewards, batch.mask)  # [G, K]
         a = a.to(torch.float32)
+        train = train_mask(a, batch.mask, c.skip_zero_adv)  # [G, K]
+        n_train = int(train.sum())
         cond_groups = ctx.model.encode_prompts(batch.prompts)  # [G] embeds
         for j in range(self.T):
             for idx in ctx.chunks:
-                m_c = batch.mask[idx]  # [g, K]
-                loss, st = self._chunk_loss(batch, ctx, j, idx, a, cond_groups)
-                share = float(m_c.sum()) / batch.n_valid
+                sel = train[idx]  # [g, K]
+                loss, st = self._chunk_loss(batch, ctx, j, idx, a, cond_groups, sel)
+                share = float(sel.sum()) / n_train if n_train else 0.0  # the chunk's share of the trained
                 ctx.backward("theta", loss, share)
-                ctx.log(st, share)
+                if st:
+                    ctx.log(st, share)
+        ctx.log({"trained_fraction": n_train / float(batch.n_valid)}, 1.0)
+        if not n_train:  # nothing to train on: a zero-gradient step
+            ctx.log({"loss": 0.0, "policy_loss": 0.0}, 1.0)
         return StepResult(advantages=a, adv_clip=c.adv_clip)
 
-    def _step_terms(self, batch, ctx: StepContext, j: int, idx: Tensor, cond_groups, with_ref: bool):
-        """Denoising step j of the recorded trajectories of groups ``idx`` (valid samples only, n of
-        them): ``(log p_θ(x_{j+1} | x_j) [n] with grad, recorded log p [n], μ_θ [n, ...], μ_ref [n, ...]
-        or None, step std, σ_j, σ_max, rows)``, log-probs reduced per ``grpo.log_prob_reduce``."""
+    def _step_terms(self, batch, ctx: StepContext, j: int, idx: Tensor, cond_groups, with_ref: bool,
+                    sel: Tensor | None = None):
+        """Denoising step j of the recorded trajectories of groups ``idx``, the samples ``sel`` ``[g, K]``
+        (default: the valid ones; n of them): ``(log p_θ(x_{j+1} | x_j) [n] with grad, recorded log p [n],
+        μ_θ [n, ...], μ_ref [n, ...] or None, step std, σ_j, σ_max, rows)``, log-probs reduced per
+        ``grpo.log_prob_reduce``; θ's unconditional CFG branch is detached unless
+        ``grpo.cfg_uncond_grad``."""
         c, model, dev = self.config, ctx.model, ctx.device
         traj = batch.trajectory
         K = batch.mask.shape[1]
-        m_c = batch.mask[idx]  # [g, K]
-        rows = m_c.reshape(-1).nonzero().squeeze(1) if batch.padded else torch.arange(m_c.numel())  # [n]
+        m_c = batch.mask[idx] if sel is None else sel  # [g, K]
+        rows = m_c.reshape(-1).nonzero().squeeze(1)  # [n]
+        sigmas = self.sigmas(model)  # [S + 1]
         x_t = traj.latents[idx, :, j].flatten(0, 1)[rows].to(dev)  # [n, C, H, W] x_{σ_j}
         x_next = traj.latents[idx, :, j + 1].flatten(0, 1)[rows].to(dev)  # [n, C, H, W] x_{σ_{j+1}}
         old = traj.log_probs[idx, :, j].reshape(-1)[rows].to(dev)  # [n] per-dimension mean, as recorded
         if c.log_prob_reduce == "sum":
             old = old * x_t[0].numel()  # the joint log-density
         n = x_t.shape[0]
-        sigma, sigma_next = float(self.sigmas[j]), float(self.sigmas[j + 1])
-        sigma_max = float(self.sigmas[1])
+        sigma, sigma_next = float(sigmas[j]), float(sigmas[j + 1])
+        sigma_max = float(sigmas[1])
         sig = torch.full((n,), sigma, device=dev)  # [n] as the sampler's velocity call
         cond = cond_groups[idx.tolist()].repeat_interleave(K)[rows.tolist()]
         uncond = model.empty_embeds(n) if c.guidance_scale != 1.0 else None
@@ -348,18 +485,25 @@ class GRPO(Algorithm):
                                               uncond=uncond).float()  # [n, C, H, W]
             mean_ref, _ = sde_step_mean_std(x_t, v_ref, sigma, sigma_next, c.noise_level, sigma_max)
         v_theta = model.guided_velocity(x_t, sig, cond, c.guidance_scale, transformer=ctx.net("theta"),
-                                        uncond=uncond)  # [n, C, H, W] grad
+                                        uncond=uncond, detach_uncond=not c.cfg_uncond_grad)  # [n, C, H, W] grad
         lp, mean_theta, std = sde_step_log_prob(x_t, v_theta, x_next, sigma, sigma_next, c.noise_level, sigma_max,
                                                 reduce=c.log_prob_reduce)  # [n], [n, C, H, W], []
         return lp, old, mean_theta, mean_ref, std, sigma, sigma_max, rows
 
-    def _chunk_loss(self, batch, ctx, j: int, idx: Tensor, a: Tensor, cond_groups):
-        """``grpo_step_loss`` of denoising step j for the groups ``idx`` and its stats (clip_fraction,
-        ratio_mean, approx_kl, policy_loss, kl, loss)."""
+    def _chunk_loss(self, batch, ctx, j: int, idx: Tensor, a: Tensor, cond_groups, sel: Tensor):
+        """``grpo_step_loss`` of denoising step j over the samples ``sel`` ``[g, K]`` of the groups ``idx``
+        (the chunk's trained samples) and its stats (clip_fraction, ratio_mean, approx_kl, policy_loss, kl,
+        loss). A chunk without trained samples gives a zero loss (on one valid sample's forward, so the
+        backward still has a graph) and no stats."""
         c = self.config
+        if not bool(sel.any()):
+            one = torch.zeros_like(sel)
+            one.view(-1)[int(batch.mask[idx].reshape(-1).nonzero()[0])] = True  # [g, K] one valid sample
+            lp, *_ = self._step_terms(batch, ctx, j, idx, cond_groups, with_ref=False, sel=one)
+            return lp.sum() * 0.0, {}
         use_ref = c.kl_beta > 0
         lp, old, mean_theta, mean_ref, std, sigma, sigma_max, rows = self._step_terms(
-            batch, ctx, j, idx, cond_groups, with_ref=use_ref)
+            batch, ctx, j, idx, cond_groups, with_ref=use_ref, sel=sel)
         adv = a[idx].reshape(-1)[rows].to(ctx.device)  # [n]
         kl_std = kl_std_for(std, sigma, c, sigma_max) if use_ref else None
         loss, st = grpo_step_loss(lp, old, adv, c, mean_theta, mean_ref, kl_std)
