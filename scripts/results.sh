@@ -4,7 +4,8 @@
 # `diffrl report` over all of them.
 #   scripts/results.sh [OUT_DIR] [extra key=value overrides for every run]
 # Budget per run: the recipes' own (run.max_seconds 1800 s of training loop, evaluation every 50 steps),
-# with two runs sharing the machine, so each has about one core. About 100 min on 2 cores.
+# with two runs sharing the machine, so each has about one core. About 130 min on 2 cores (the
+# baselines run two seeds each).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/results}; shift || true
@@ -28,5 +29,8 @@ wait
 train crd-no-kl "$crd" run.seed=0 learner.crd.use_kl_anchor=false &
 train crd-fixed-kl "$crd" run.seed=0 learner.crd.reward_adaptive_kl=false &
 wait
-.venv/bin/diffrl report "$out"/crd-s0 "$out"/nft-s0 "$out"/grpo-s0 "$out"/crd-no-decoupled \
-  "$out"/crd-no-kl "$out"/crd-fixed-kl --out "$out/report" --target +0.15
+train nft-s1 deploy/configs/shapes-cpu-nft.yaml run.seed=1 &
+train grpo-s1 deploy/configs/shapes-cpu-grpo.yaml run.seed=1 &
+wait
+.venv/bin/diffrl report "$out"/crd-s0 "$out"/nft-s0 "$out"/nft-s1 "$out"/grpo-s0 "$out"/grpo-s1 \
+  "$out"/crd-no-decoupled "$out"/crd-no-kl "$out"/crd-fixed-kl --out "$out/report" --target +0.15
