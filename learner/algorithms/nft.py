@@ -126,20 +126,7 @@ def nft_loss(
     require(r.shape[0] == v_theta.shape[0], "r", f"{v_theta.shape[0]} weights", r.shape[0])
     dt = _compute_dtype(v_theta)
     v_plus, v_minus = nft_velocities(v_theta.to(dt), v_old.to(dt), b)  # [N, ...] each
-    u = u.to(dt)  # [N, ...]
-    pos = per_sample_mean((v_plus - u) ** 2)  # [N] ‖v⁺ − u‖²
-    neg = per_sample_mean((v_minus - u) ** 2)  # [N] ‖v⁻ − u‖²
-    if adaptive:
-        pos = pos / adaptive_weight(v_plus, u).to(dt)  # [N]
-        neg = neg / adaptive_weight(v_minus, u).to(dt)  # [N]
-    r = r.to(dt)  # [N]
-    loss = scale * (r * pos + (1.0 - r) * neg).mean()  # []
-    stats = {
-        "positive_loss": pos.detach().mean(),
-        "negative_loss": neg.detach().mean(),
-        "r_mean": r.mean(),
-    }
-    return loss, stats
+    return _policy_loss(v_plus, v_minus, u.to(dt), r, adaptive, scale)  # targets u: ‖v^± − u‖²
 
 
 def nft_x0_loss(
@@ -181,18 +168,22 @@ def nft_x0_loss(
     s = _bcast(sigma.detach() if isinstance(sigma, Tensor) else sigma, x_t)  # [N, 1, ...] or []
     x0_plus = x_t - s * v_plus  # [N, ...] x̂0⁺
     x0_minus = x_t - s * v_minus  # [N, ...] x̂0⁻
-    pos = per_sample_mean((x0_plus - x0) ** 2)  # [N] ‖x̂0⁺ − x0‖²
-    neg = per_sample_mean((x0_minus - x0) ** 2)  # [N] ‖x̂0⁻ − x0‖²
+    return _policy_loss(x0_plus, x0_minus, x0, r, adaptive, scale)  # ‖x̂0^± − x0‖²
+
+
+def _policy_loss(plus: Tensor, minus: Tensor, target: Tensor, r: Tensor, adaptive: bool, scale: float
+                 ) -> tuple[Tensor, dict[str, Tensor]]:
+    """scale·mean_i[ r_i·‖plus_i − target_i‖²/w⁺_i + (1 − r_i)·‖minus_i − target_i‖²/w⁻_i ] with the
+    detached per-sample adaptive weights w (1 when not ``adaptive``); the shared tail of both loss spaces."""
+    dt = plus.dtype
+    pos = per_sample_mean((plus - target) ** 2)  # [N]
+    neg = per_sample_mean((minus - target) ** 2)  # [N]
     if adaptive:
-        pos = pos / adaptive_weight(x0_plus, x0).to(dt)  # [N] / w⁺
-        neg = neg / adaptive_weight(x0_minus, x0).to(dt)  # [N] / w⁻
+        pos = pos / adaptive_weight(plus, target).to(dt)  # [N] / w⁺
+        neg = neg / adaptive_weight(minus, target).to(dt)  # [N] / w⁻
     r = r.to(dt)  # [N]
     loss = scale * (r * pos + (1.0 - r) * neg).mean()  # []
-    stats = {
-        "positive_loss": pos.detach().mean(),
-        "negative_loss": neg.detach().mean(),
-        "r_mean": r.mean(),
-    }
+    stats = {"positive_loss": pos.detach().mean(), "negative_loss": neg.detach().mean(), "r_mean": r.mean()}
     return loss, stats
 
 
