@@ -19,11 +19,17 @@ class SamplerConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     """Sampler settings for p_samp (CRD: the ODE, CFG 1.0, few steps; GRPO: the SDE,
     sampling.sde_noise_level > 0)."""
-    record_log_probs: bool = False
-    """Record in each Sample.extras the SDE trajectory (latents per step), the per-step
-    log-probabilities of the sampling policy, the noise levels, the noise level a and the CFG scale
-    (keys in models/sde.py; ~S+1 latents per sample). Needs sampling.sde_noise_level > 0; required by
-    learner.algorithm=grpo, which recomputes the log-probs under θ for the PPO ratio."""
+    record_trajectory: bool = False
+    """Record in each Sample its trajectory (proto Trajectory): the states x_0..x_S, the σ grid, the
+    behaviour log-probabilities of the steps, the predicted clean states x̂0_j, the initial-noise and
+    step-noise seeds, the step kind and the pair id (~2S+1 latents per sample). Required by algorithms
+    that train on steps (learner.algorithm=grpo needs sampling.step_kind flow_sde)."""
+    paired: bool = False
+    """Sample each group as K/2 pairs whose two samples share the initial noise and differ in the step
+    noise (SDPO's dual trajectories). Needs an even k and a stochastic step kind."""
+    trajectory_dtype: str = "float32"
+    """Storage dtype of the recorded states and x̂0 predictions: float32, or float16 (half the Redis
+    bytes; log-probs and σ stay float32/float64)."""
     max_pending_groups: int = 32
     """Backpressure: a sampler waits while the stream holds more unconsumed groups than this."""
     backpressure_poll_s: float = 0.2
@@ -66,6 +72,9 @@ class SamplerConfig:
         require(self.torch_threads >= 1, "torch_threads", "an int >= 1", self.torch_threads)
         require(self.max_restarts >= -1, "max_restarts", "an int >= -1 (-1: forever)")
         require(self.metrics_port >= -1, "metrics_port", "a port, 0 or -1")
-        require(not self.record_log_probs or self.sampling.sde_noise_level > 0, "sampling.sde_noise_level",
-                "> 0 when record_log_probs is true (the ODE sampler's steps have no density)",
-                self.sampling.sde_noise_level)
+        require(self.trajectory_dtype in ("float32", "float16"), "trajectory_dtype", "float32|float16",
+                self.trajectory_dtype)
+        require(not self.paired or self.k % 2 == 0, "k", "an even int when paired is true (K/2 pairs)", self.k)
+        require(not self.paired or self.sampling.kind() != "euler", "sampling.step_kind",
+                "a stochastic kind (flow_sde or eta) when paired is true (Euler pairs would be identical)",
+                self.sampling.step_kind)

@@ -2,10 +2,11 @@
 
 One round: load a newer p_samp if the learner published one, wait while the stream backlog exceeds
 ``max_pending_groups`` (backpressure), take G prompts from its shard, generate K samples per prompt
-with the ODE sampler (or the SDE sampler, ``sampling.sde_noise_level > 0``), decode, score every
-group with every reward, and publish one Group per prompt to the Redis stream. With
-``record_log_probs`` each sample of a scored group also carries its SDE trajectory and per-step
-log-probabilities in ``Sample.extras`` (keys in models/sde.py) for GRPO. A group whose reward failed
+with the Euler ODE sampler, or stochastic steps (``sampling.step_kind``: Flow-GRPO's SDE or DDIM's
+η-step, optionally in pairs sharing the initial noise), decode, score every group with every reward,
+and publish one Group per prompt to the Redis stream. With ``record_trajectory`` each sample of a
+scored group also carries its trajectory (proto ``Trajectory``: states, σ grid, behaviour
+log-probabilities, x̂0 predictions, seeds, step kind, pair id). A group whose reward failed
 is published *masked* with the reason (the learner counts it and never trains on it); it is never
 given a made-up score.
 """
@@ -28,13 +29,6 @@ from diffrl.actors.metrics import SamplerMetrics
 from diffrl.actors.prompts import PromptSource
 from diffrl.models.adapter import FlowModel
 from diffrl.models.lora import LoraConfig, load_lora_weights
-from diffrl.models.sde import (
-    EXTRA_GUIDANCE_SCALE,
-    EXTRA_LATENTS,
-    EXTRA_LOG_PROBS,
-    EXTRA_NOISE_LEVEL,
-    EXTRA_SIGMAS,
-)
 from diffrl.proto import experience_pb2
 from diffrl.proto.codec import tensor_to_proto
 from diffrl.proto.weight_sync import WeightSource
@@ -42,6 +36,9 @@ from diffrl.reward_servers.client import Group as RewardGroup
 from diffrl.reward_servers.client import GroupScores
 
 log = logging.getLogger(__name__)
+
+STEP_KIND_PROTO = {"euler": experience_pb2.EULER, "flow_sde": experience_pb2.FLOW_SDE, "eta": experience_pb2.ETA}
+"""models/sde.py's step kinds -> proto StepKind."""
 
 
 class GroupScorer(Protocol):
@@ -75,6 +72,18 @@ def sample_seeds(seed: int, sampler_id: str, incarnation: str, round_index: int,
     key = [seed, round_index, *np.frombuffer(f"{sampler_id}/{incarnation}".encode().ljust(32, b"\0")[:32],
                                              dtype=np.uint32).tolist()]
     return [int(s) & 0x7FFFFFFF for s in np.random.SeedSequence(key).generate_state(n, dtype=np.uint32)]
+
+
+def trajectory_proto(traj, n: int, noise_seed: int, step_seed: int, step_kind: str, noise_level: float,
+                     guidance_scale: float, pair_id: int = -1, dtype: str = "float32") -> experience_pb2.Trajectory:
+    """The proto Trajectory of sample ``n`` of a ``SampledTrajectory`` (states and x̂0 stored as ``dtype``,
+    float32 or float16; log-probs float32; σ float64)."""
+    store = torch.float16 if dtype == "float16" else torch.float32
+    return experience_pb2.Trajectory(
+        states=tensor_to_proto(traj.states[n].to(store)), sigmas=tensor_to_proto(traj.sigmas.to(torch.float64)),
+        log_probs=tensor_to_proto(traj.log_probs[n].float()), x0_preds=tensor_to_proto(traj.x0_preds[n].to(store)),
+        noise_seed=noise_seed, step_seed=step_seed, step_kind=STEP_KIND_PROTO[step_kind], noise_level=noise_level,
+        guidance_scale=guidance_scale, pair_id=pair_id)
 
 
 class MaskedRoundsError(RuntimeError):
@@ -163,19 +172,20 @@ class Sampler:
         items = self.prompts.take(cfg.groups_per_round)
         prompts = [item.prompt for item in items]
         flat_prompts = [p for p in prompts for _ in range(k)]
-        seeds = sample_seeds(cfg.seed, self.id, self.incarnation, self.rounds, len(flat_prompts))
+        noise_seeds, step_seeds = self.round_seeds(len(flat_prompts))
         version = self.version
 
         t = time.perf_counter()
         s = cfg.sampling
         traj = None
-        if s.sde_noise_level > 0:
-            traj = self.model.sample_sde(flat_prompts, seeds, num_steps=s.num_steps, guidance_scale=s.guidance_scale,
-                                         shift=s.shift, noise_level=s.sde_noise_level, batch_size=s.batch_size)
-            x0 = traj.x0  # [G*K, C, H, W]
-        else:
-            x0 = self.model.sample(flat_prompts, seeds, num_steps=s.num_steps, guidance_scale=s.guidance_scale,
+        if s.kind() == "euler" and not s.sigmas and not cfg.record_trajectory:
+            x0 = self.model.sample(flat_prompts, noise_seeds, num_steps=s.num_steps, guidance_scale=s.guidance_scale,
                                    shift=s.shift, batch_size=s.batch_size)  # [G*K, C, H, W]
+        else:
+            traj = self.model.sample_trajectory(flat_prompts, noise_seeds, step_seeds,
+                                                s.grid(self.model.num_train_timesteps), s.kind(), s.noise_level(),
+                                                s.guidance_scale, batch_size=s.batch_size)
+            x0 = traj.x0  # [G*K, C, H, W]
         stages["sample"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -191,13 +201,7 @@ class Sampler:
 
         t = time.perf_counter()
         x0_cpu = x0.detach().to("cpu", torch.float32)
-        shared_extras = {}
-        if cfg.record_log_probs and traj is not None:
-            shared_extras = {
-                EXTRA_SIGMAS: tensor_to_proto(traj.sigmas.to(torch.float64)),
-                EXTRA_NOISE_LEVEL: tensor_to_proto(torch.tensor(float(s.sde_noise_level), dtype=torch.float64)),
-                EXTRA_GUIDANCE_SCALE: tensor_to_proto(torch.tensor(float(s.guidance_scale), dtype=torch.float64)),
-            }
+        record = cfg.record_trajectory and traj is not None
         reward_sums: dict[str, list[float]] = {}
         for g, prompt in enumerate(prompts):
             group = experience_pb2.Group(
@@ -212,13 +216,12 @@ class Sampler:
                 self.metrics.masked.labels(self.id, kind).inc()
                 result.masked += 1
             for i in range(k):
-                sample = group.samples.add(seed=seeds[g * k + i])
-                sample.latent.CopyFrom(tensor_to_proto(x0_cpu[g * k + i]))
-                if shared_extras and outcome.ok:  # a masked group is never trained: no records
-                    for key, value in shared_extras.items():
-                        sample.extras[key].CopyFrom(value)
-                    sample.extras[EXTRA_LATENTS].CopyFrom(tensor_to_proto(traj.latents[g * k + i].float()))
-                    sample.extras[EXTRA_LOG_PROBS].CopyFrom(tensor_to_proto(traj.log_probs[g * k + i].float()))
+                n = g * k + i
+                sample = group.samples.add(seed=noise_seeds[n])
+                sample.latent.CopyFrom(tensor_to_proto(x0_cpu[n]))
+                if record and outcome.ok:  # a masked group is never trained: no records
+                    sample.trajectory.CopyFrom(self.trajectory_record(traj, n, noise_seeds[n], step_seeds[n],
+                                                                      i // 2 if cfg.paired else -1))
                 if outcome.ok:
                     for name, values in outcome.scores.items():
                         sample.rewards[name] = float(values[i])
@@ -244,6 +247,23 @@ class Sampler:
         self.busy_seconds += result.seconds - result.paused_seconds
         self.paused_seconds += result.paused_seconds
         return result
+
+    def round_seeds(self, n: int) -> tuple[list[int], list[int]]:
+        """Initial-noise and step-noise seeds of this round's ``n`` samples (group-major). Paired: the two
+        samples of a pair (positions 2p, 2p + 1 of a group) share the first one's noise seed."""
+        cfg = self.cfg
+        seeds = sample_seeds(cfg.seed, self.id, self.incarnation, self.rounds, 2 * n)
+        noise, steps = seeds[:n], seeds[n:]
+        if cfg.paired:
+            noise = [noise[i - i % 2] for i in range(n)]  # k is even: pairs never straddle groups
+        return noise, steps
+
+    def trajectory_record(self, traj, n: int, noise_seed: int, step_seed: int, pair_id: int
+                          ) -> experience_pb2.Trajectory:
+        """Sample ``n``'s proto Trajectory (states and x̂0 in ``sampler.trajectory_dtype``)."""
+        s = self.cfg.sampling
+        return trajectory_proto(traj, n, noise_seed, step_seed, s.kind(), s.noise_level(), s.guidance_scale,
+                                pair_id, self.cfg.trajectory_dtype)
 
     def backoff_after(self, result: RoundResult) -> float:
         """After a round whose groups were all masked (a reward is down), pause before sampling more

@@ -49,6 +49,9 @@ class SamplerBenchConfig:
     """Samples per prompt (images per round = num_prompts * k)."""
     rounds: int = 3
     """Measured rounds (after one warm-up round)."""
+    record_trajectory: bool = False
+    """Sample through the trajectory recorder (every state, x̂0 and log-prob kept), as samplers with
+    sampler.record_trajectory do; also taken for sampling.step_kind eta/flow_sde or explicit sigmas."""
 
     def validate(self) -> None:
         require(self.num_prompts >= 1, "num_prompts", "an int >= 1")
@@ -71,14 +74,20 @@ def bench_sampler(cfg: SamplerBenchConfig) -> dict:
     s = cfg.sampling
     base = shapes_world.train_prompts()
     n = cfg.num_prompts * cfg.k
+    recorded = cfg.record_trajectory or s.kind() != "euler" or bool(s.sigmas)
 
     def one_round(r: int) -> float:
         prompts = [base[(r * cfg.num_prompts + i) % len(base)] for i in range(cfg.num_prompts) for _ in range(cfg.k)]
         seeds = list(range(r * n, (r + 1) * n))
         _sync(model.device)
         start = time.perf_counter()
-        model.generate(prompts, seeds, num_steps=s.num_steps, guidance_scale=s.guidance_scale, shift=s.shift,
-                       batch_size=s.batch_size)
+        if recorded:
+            traj = model.sample_trajectory(prompts, seeds, [x + 1 for x in seeds], s.grid(model.num_train_timesteps),
+                                           s.kind(), s.noise_level(), s.guidance_scale, batch_size=s.batch_size)
+            model.to_uint8(model.decode(traj.x0))
+        else:
+            model.generate(prompts, seeds, num_steps=s.num_steps, guidance_scale=s.guidance_scale, shift=s.shift,
+                           batch_size=s.batch_size)
         _sync(model.device)
         return time.perf_counter() - start
 
@@ -108,6 +117,8 @@ def bench_sampler(cfg: SamplerBenchConfig) -> dict:
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
         "images": n,
         "num_steps": s.num_steps,
+        "step_kind": s.kind(),
+        "recorded": recorded,
         "guidance_scale": s.guidance_scale,
         "batch_size": s.batch_size,
         "sampler_images_per_s": n / sampler_s,

@@ -59,6 +59,21 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------- distill
+def cmd_distill(args: argparse.Namespace) -> int:
+    from diffrl.data import load_field
+    from diffrl.models.distill import DistillConfig, distill
+
+    cfg = load_from_args(DistillConfig, args)
+    prompts = load_field(cfg.prompts, "prompts").prompts
+    command = "diffrl distill " + " ".join(args.config)
+    report = distill(cfg, list(prompts), command=command.strip())
+    print(json.dumps(report, indent=2))
+    for info in report["students"].values():
+        print(f"saved the {info['num_steps']}-step student to {info['path']}")
+    return 0
+
+
 # --------------------------------------------------------------------------------- tiny-model
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from diffrl.models.tiny_sd3 import TinySD3Arch, build_tiny_sd3
@@ -272,6 +287,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, PretrainConfig)
     p.set_defaults(func=cmd_pretrain)
 
+    from diffrl.models.distill import DistillConfig
+
+    p = sub.add_parser("distill", help="make few-step and one-step students of a base model (resumable)",
+                       description="Distil a base model into students that sample in few Euler steps: teacher ODE "
+                                   "rollouts, then each student regresses its segments onto the teacher's secants "
+                                   "(models/distill.py). Each student is saved in diffusers format with "
+                                   "student.json (its σ grid and figures). Run the same command again to resume.")
+    add_config_args(p, DistillConfig)
+    p.set_defaults(func=cmd_distill)
+
     from diffrl.models.tiny_sd3 import TinySD3Arch
 
     p = sub.add_parser("tiny-model", help="write a tiny random SD3 pipeline (to try the whole job on a laptop)",
@@ -323,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     from diffrl.bench import register as register_bench
 
     register_bench(bench)  # bench sync, bench sync-vs-async
+    from diffrl.bench_bus import register as register_bench_bus
+
+    register_bench_bus(bench)  # bench bus
 
     p = sub.add_parser("demo", help="a short CRD training on the embedded default (what `make demo` runs)",
                        description=f"Same as `diffrl train deploy/configs/shapes-cpu.yaml {' '.join(DEMO_OVERRIDES)} "

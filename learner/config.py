@@ -25,7 +25,7 @@ class LearnerConfig:
     algorithm: str = "crd"
     """Training algorithm, by its registered name: 'crd' (Centered Reward Distillation), 'nft'
     (DiffusionNFT-style baseline) or 'grpo' (Flow-GRPO-style baseline; needs samplers with
-    record_log_probs). Each algorithm's options are the section of its name, learner.<name>
+    record_trajectory). Each algorithm's options are the section of its name, learner.<name>
     (docs/algorithms.md)."""
     groups_per_step: int = 8
     """G: prompt groups per optimizer step, over all ranks (each rank trains groups_per_step /

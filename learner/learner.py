@@ -259,7 +259,8 @@ class Learner(StreamLoop, Checkpointing):
     def group_problem(self, group: Group) -> str | None:
         """Why ``group`` cannot be trained (None when it can). Masked groups are not checked here."""
         return experience.group_problem(group, self.model.latent_shape, self.config.reward_weights,
-                                        self.algorithm.record, self._sample_problem)
+                                        self.algorithm.record, self._sample_problem,
+                                        self.algorithm.trajectory_needs)
 
     def _sample_problem(self, sample) -> str | None:
         return self.algorithm.sample_problem(sample, self.model)
@@ -267,7 +268,8 @@ class Learner(StreamLoop, Checkpointing):
     def decode(self, groups: Sequence[Group]) -> experience.ExperienceBatch:
         """Check and decode ``groups`` into the algorithm's batch (raises ValueError on a bad group)."""
         return experience.decode(groups, self.model.latent_shape, self.config.reward_weights,
-                                 self.algorithm.record, self.step, self._sample_problem)
+                                 self.algorithm.record, self.step, self._sample_problem,
+                                 self.algorithm.trajectory_needs)
 
     def step_context(self, num_groups: int | None = None) -> StepRun:
         """The context of the next step on ``num_groups`` groups (default: this rank's share): the

@@ -31,7 +31,7 @@ from torch import nn
 
 from diffrl.config import ConfigError
 from diffrl.models.config import ModelConfig
-from diffrl.models.sde import sde_grid, sde_step_with_noise
+from diffrl.models.sde import sde_grid
 from diffrl.utils import DTYPES, resolve_device
 
 # Components a StableDiffusion3Pipeline may leave out; passed as None when the folder lacks them.
@@ -205,13 +205,22 @@ def denoise(net: nn.Module, x: torch.Tensor, timestep: torch.Tensor, hidden: tor
 
 
 @dataclass
-class SDETrajectory:
-    """What ``FlowModel.sample_sde`` returns, per sample (CPU, float32 unless noted)."""
+class SampledTrajectory:
+    """What ``FlowModel.sample_trajectory`` returns, per sample (CPU, float32 unless noted)."""
 
-    x0: torch.Tensor  # [B, C, H, W] the final sample x_{σ_S} (= latents[:, -1])
-    latents: torch.Tensor  # [B, S + 1, C, H, W] x_{σ_0} (the initial noise), ..., x_{σ_S}
-    log_probs: torch.Tensor  # [B, S] log p(x_{σ_{j+1}} | x_{σ_j}) of the sampling policy, per-dimension mean
+    x0: torch.Tensor  # [B, C, H, W] the final sample x_{σ_S} (= states[:, -1])
+    states: torch.Tensor  # [B, S + 1, C, H, W] x_{σ_0} (the initial noise), ..., x_{σ_S}
+    log_probs: torch.Tensor  # [B, S] log p(x_{σ_{j+1}} | x_{σ_j}), per-dimension mean (0 for noiseless steps)
+    x0_preds: torch.Tensor  # [B, S, C, H, W] x̂0_j = x_j − σ_j·v_j
     sigmas: torch.Tensor  # [S + 1] float64, 1 -> 0
+
+    @property
+    def latents(self) -> torch.Tensor:
+        """The states (the name GRPO's code used)."""
+        return self.states
+
+
+SDETrajectory = SampledTrajectory
 
 
 class FlowModel:
@@ -401,42 +410,71 @@ class FlowModel:
     def sample_sde(self, prompts: Sequence[str], seeds: Sequence[int], num_steps: int = 10,
                    guidance_scale: float = 1.0, shift: float = 1.0, noise_level: float = 0.7,
                    transformer: nn.Module | None = None, batch_size: int = 64,
-                   grid: str = "scheduler") -> SDETrajectory:
-        """Flow-GRPO's SDE sampler (models/sde.py) with its trajectory and per-step log-probabilities.
-
-        Each sample's randomness comes from one CPU generator seeded with its seed: first the initial
-        noise (the same ε as :meth:`sample` draws for that seed), then z for each step in order, so a
-        (prompt, seed) pair gives the same trajectory in any batch and on any device. The levels are
-        ``sde_grid(num_steps, shift, grid, num_train_timesteps)`` (float64): by default diffusers' SD3
-        scheduler grid that Flow-GRPO samples on, ``grid="uniform"`` the ODE sampler's; σ = 1 uses the
-        first level below 1 in g_σ's denominator (``sigma_max``)."""
-        if len(prompts) != len(seeds):
-            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+                   grid: str = "scheduler") -> SampledTrajectory:
+        """Flow-GRPO's SDE sampler (models/sde.py) on ``sde_grid(num_steps, shift, grid)`` (by default
+        diffusers' SD3 scheduler grid that Flow-GRPO samples on): :meth:`sample_trajectory` with the
+        flow-SDE step and one random stream per seed (the step noise follows the initial noise)."""
         if noise_level <= 0:
             raise ValueError(f"noise_level: expected > 0 for SDE sampling, got {noise_level!r}")
         sigmas = sde_grid(num_steps, shift, grid, self.num_train_timesteps)  # [S + 1] float64
-        sigma_max = float(sigmas[1])  # as GRPOConfig.sigma_max()
+        return self.sample_trajectory(prompts, seeds, None, sigmas, "flow_sde", noise_level, guidance_scale,
+                                      transformer, batch_size)
+
+    @torch.no_grad()
+    def sample_trajectory(self, prompts: Sequence[str], noise_seeds: Sequence[int], step_seeds: Sequence[int] | None,
+                          sigmas: torch.Tensor, step_kind: str = "euler", noise_level: float = 0.0,
+                          guidance_scale: float = 1.0, transformer: nn.Module | None = None,
+                          batch_size: int = 64) -> SampledTrajectory:
+        """Sample on the levels ``sigmas`` ``[S + 1]`` (1 -> 0) with steps of ``step_kind`` (models/sde.py
+        ``STEP_KINDS``: euler, flow_sde with a = ``noise_level``, eta with η = ``noise_level``), recording
+        every state, the predicted clean states and the per-step log-probabilities.
+
+        A sample's initial noise comes from a CPU generator seeded with its noise seed (the same ε as
+        :meth:`sample` draws), its step noise z_0, z_1, ... in order from a second generator seeded with
+        its step seed (``step_seeds=None``: from the noise seed's generator, after the initial noise), so a
+        (prompt, noise seed, step seed) triple gives the same trajectory in any batch
+        and on any device up to the denoiser's arithmetic (bit for bit in the same batch); two samples
+        with one noise seed and two step seeds share x_0 and differ afterwards (SDPO's pairs). The flow
+        SDE uses the first level below 1 in g_σ's denominator at σ = 1 (``sigma_max``)."""
+        from diffrl.models.sde import STEP_KINDS, take_step
+
+        if not (len(prompts) == len(noise_seeds) == len(noise_seeds if step_seeds is None else step_seeds)):
+            raise ValueError(f"{len(prompts)} prompts, {len(noise_seeds)} noise seeds, {len(step_seeds)} step seeds")
+        if step_kind not in STEP_KINDS:
+            raise ValueError(f"step_kind: expected one of {STEP_KINDS}, got {step_kind!r}")
+        if step_kind != "euler" and noise_level <= 0:
+            raise ValueError(f"noise_level: expected > 0 for {step_kind} steps, got {noise_level!r}")
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float64).cpu()  # [S + 1]
+        sigma_max = float(sigmas[1]) if len(sigmas) > 1 else None  # as GRPOConfig.sigma_max()
         shape = self.latent_shape
-        trajectories, log_probs = [], []
+        parts: dict[str, list[torch.Tensor]] = {"states": [], "log_probs": [], "x0_preds": []}
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
-            gens = [torch.Generator().manual_seed(int(s)) for s in seeds[start : start + batch_size]]
-            x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(self.device)  # [b, C, H, W]
+            noise_gens = [torch.Generator().manual_seed(int(s)) for s in noise_seeds[start : start + batch_size]]
+            x = torch.stack([torch.randn(shape, generator=g) for g in noise_gens]).to(self.device)  # [b, C, H, W]
+            gens = noise_gens if step_seeds is None else [
+                torch.Generator().manual_seed(int(s)) for s in step_seeds[start : start + batch_size]]
             cond = self.encode_prompts(chunk)
             uncond = self.empty_embeds(len(chunk)) if guidance_scale != 1.0 else None
-            states, lps = [x.cpu()], []
-            for i in range(num_steps):
+            states, lps, preds = [x.cpu()], [], []
+            for i in range(len(sigmas) - 1):
                 sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
                 v = self.guided_velocity(x, torch.full((len(chunk),), sigma, device=self.device), cond,
                                          guidance_scale, transformer, uncond).float()  # [b, C, H, W]
-                z = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(self.device)  # [b, C, H, W]
-                x, lp = sde_step_with_noise(x, v, z, sigma, sigma_next, noise_level, sigma_max)  # [b, ...], [b]
+                preds.append((x - sigma * v).cpu())  # x̂0_j
+                if step_kind == "euler":
+                    z = torch.zeros_like(x)
+                else:
+                    z = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(self.device)  # [b, C, H, W]
+                x, lp = take_step(step_kind, x, v, z, sigma, sigma_next, noise_level, sigma_max)  # [b, ...], [b]
                 states.append(x.cpu())
                 lps.append(lp.cpu())
-            trajectories.append(torch.stack(states, dim=1))  # [b, S + 1, C, H, W]
-            log_probs.append(torch.stack(lps, dim=1))  # [b, S]
-        latents = torch.cat(trajectories)  # [B, S + 1, C, H, W]
-        return SDETrajectory(x0=latents[:, -1], latents=latents, log_probs=torch.cat(log_probs), sigmas=sigmas)
+            parts["states"].append(torch.stack(states, dim=1))  # [b, S + 1, C, H, W]
+            parts["log_probs"].append(torch.stack(lps, dim=1))  # [b, S]
+            parts["x0_preds"].append(torch.stack(preds, dim=1))  # [b, S, C, H, W]
+        states = torch.cat(parts["states"])
+        return SampledTrajectory(x0=states[:, -1], states=states, log_probs=torch.cat(parts["log_probs"]),
+                                 x0_preds=torch.cat(parts["x0_preds"]), sigmas=sigmas)
 
     # ----------------------------------------------------------------- pixels
     @torch.no_grad()

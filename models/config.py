@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 
 from diffrl.config import require
 
@@ -55,12 +56,56 @@ class SamplingConfig:
     sde_noise_level: float = 0.0
     """0 = the deterministic Euler ODE sampler. > 0: Flow-GRPO's SDE sampler with this noise level a
     (diffusion g_σ = a·sqrt(σ/(1 − σ)); 0.7 in Flow-GRPO), stochastic but reproducible from each
-    sample's seed (models/sde.py); it has the ODE's marginals and per-step Gaussian transitions whose
+    sample's seeds (models/sde.py); it has the ODE's marginals and per-step Gaussian transitions whose
     log-probabilities GRPO trains on."""
+    step_kind: str = "auto"
+    """The sampler's step: euler (deterministic), flow_sde (Flow-GRPO's SDE, noise level
+    sde_noise_level), eta (DDIM's η-step in flow form, η = eta: the few-step students' stochastic
+    sampler), or auto = flow_sde when sde_noise_level > 0, else euler."""
+    eta: float = 1.0
+    """η of the eta step: the share of fresh noise (DDIM's η; 1 = SDPO's sd-turbo sampler, 0 = Euler)."""
+    sigmas: list[float] = field(default_factory=list)
+    """Explicit noise levels σ_0 = 1 > ... > σ_S = 0 (num_steps + 1 of them), e.g. a distilled student's
+    own grid (its student.json); empty = derived: the uniform grid shifted by shift (euler, eta) or
+    diffusers' SD3 scheduler grid (flow_sde, as Flow-GRPO)."""
+
+    def kind(self) -> str:
+        """The step kind with auto resolved."""
+        if self.step_kind == "auto":
+            return "flow_sde" if self.sde_noise_level > 0 else "euler"
+        return self.step_kind
+
+    def noise_level(self) -> float:
+        """The stochastic step's parameter: a (flow_sde), η (eta) or 0 (euler)."""
+        return {"flow_sde": self.sde_noise_level, "eta": self.eta}.get(self.kind(), 0.0)
+
+    def grid(self, num_train_timesteps: int = 1000):
+        """The levels ``[num_steps + 1]`` float64 the sampler steps through."""
+        import torch
+
+        from diffrl.models.sde import sde_grid, sde_sigmas
+
+        if self.sigmas:
+            return torch.tensor(self.sigmas, dtype=torch.float64)
+        if self.kind() == "flow_sde":
+            return sde_grid(self.num_steps, self.shift, "scheduler", num_train_timesteps)
+        return sde_sigmas(self.num_steps, self.shift)
 
     def validate(self) -> None:
+        from diffrl.models.sde import STEP_KINDS
+
         require(self.num_steps >= 1, "num_steps", "an int >= 1", self.num_steps)
         require(self.sde_noise_level >= 0, "sde_noise_level", "a float >= 0 (0 = ODE)", self.sde_noise_level)
         require(self.guidance_scale >= 0, "guidance_scale", "a float >= 0", self.guidance_scale)
         require(self.shift > 0, "shift", "a float > 0", self.shift)
         require(self.batch_size >= 1, "batch_size", "an int >= 1", self.batch_size)
+        require(self.step_kind in ("auto", *STEP_KINDS), "step_kind", f"auto or one of {STEP_KINDS}", self.step_kind)
+        require(self.kind() != "flow_sde" or self.sde_noise_level > 0, "sde_noise_level",
+                "> 0 for step_kind=flow_sde", self.sde_noise_level)
+        require(self.eta >= 0, "eta", "a float >= 0", self.eta)
+        if self.sigmas:
+            s = [float(x) for x in self.sigmas]
+            ok = (len(s) == self.num_steps + 1 and s[0] == 1.0 and s[-1] == 0.0
+                  and all(a > b for a, b in itertools.pairwise(s)))
+            require(ok, "sigmas", f"num_steps + 1 = {self.num_steps + 1} levels from 1.0 down to 0.0, strictly "
+                    "decreasing", self.sigmas)

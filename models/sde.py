@@ -13,8 +13,8 @@ The levels σ_0 = 1 > ... > σ_S = 0 come from ``sde_grid``: by default diffuser
 (``scheduler_sigmas``), the one Flow-GRPO samples on; ``grid="uniform"`` is the ODE sampler's
 ``sde_sigmas``.
 
-The keys a sampler with ``sampler.record_log_probs`` writes into each ``Sample.extras`` (S = the
-sampler's ``sampling.num_steps``, ``[C, H, W]`` the latent shape) are the ``EXTRA_*`` constants.
+Besides the flow SDE the file holds DDIM's η-step in flow form (``eta_step_mean_std``) and the
+dispatch over the step kinds a sampler records in a trajectory (``STEP_KINDS``, ``step_mean_std``).
 """
 
 from __future__ import annotations
@@ -29,19 +29,9 @@ Tensor = torch.Tensor
 
 LOG_PROB_REDUCTIONS = ("mean", "sum")
 
-EXTRA_LATENTS = "sde_latents"
-"""float32 ``[S + 1, C, H, W]``: the trajectory x_{σ_0} (the initial noise), ..., x_{σ_S} (= the sample's
-``latent``) of the SDE sampler."""
-EXTRA_LOG_PROBS = "sde_log_probs"
-"""float32 ``[S]``: log p(x_{σ_{j+1}} | x_{σ_j}) of the sampling policy per step, the per-dimension mean
-(``gaussian_log_prob(reduce="mean")``)."""
-EXTRA_SIGMAS = "sde_sigmas"
-"""float64 ``[S + 1]``: the noise levels σ_0 = 1 > ... > σ_S = 0 of the trajectory."""
-EXTRA_NOISE_LEVEL = "sde_noise_level"
-"""float64 ``[]``: the SDE's noise level a."""
-EXTRA_GUIDANCE_SCALE = "sde_guidance_scale"
-"""float64 ``[]``: the CFG scale of the sampling velocity (1 = no CFG)."""
-EXTRA_KEYS = (EXTRA_LATENTS, EXTRA_LOG_PROBS, EXTRA_SIGMAS, EXTRA_NOISE_LEVEL, EXTRA_GUIDANCE_SCALE)
+STEP_KINDS = ("euler", "flow_sde", "eta")
+"""The steps a sampler can take (proto ``StepKind`` EULER, FLOW_SDE, ETA): the deterministic Euler step,
+Flow-GRPO's SDE step (``noise_level`` = a) and DDIM's η-step in flow form (``noise_level`` = η)."""
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -177,3 +167,68 @@ def sde_step_with_noise(
     mean, std = sde_step_mean_std(x_t, v, sigma, sigma_next, noise_level, sigma_max)
     x_next = mean + std * noise.to(mean.dtype)  # [N, ...]
     return x_next, gaussian_log_prob(x_next, mean, std, "mean")
+
+
+def eta_step_std(sigma: Tensor | float, sigma_next: Tensor | float, eta: float) -> Tensor:
+    """Std s of DDIM's η-step σ -> σ' in flow form (x_σ = (1 − σ)·x0 + σ·ε):
+
+        s = η·σ'·sqrt(1 − λ/λ'),  λ = ((1 − σ)/σ)² the signal-to-noise ratio,
+
+    which is DDIM's σ_t(η) = η·sqrt((1 − ᾱ')/(1 − ᾱ))·sqrt(1 − ᾱ/ᾱ') (Song et al. 2021, eq. 16) written
+    for any scaling of signal and noise (the ratio s/σ' depends on the SNRs only). s = η·σ' from σ = 1,
+    and s = 0 into σ' = 0 (the last step is deterministic). Scalars or ``[N]`` -> float64 tensor."""
+    s = torch.as_tensor(sigma, dtype=torch.float64)
+    s_next = torch.as_tensor(sigma_next, dtype=torch.float64)
+    snr = ((1.0 - s) / s) ** 2  # λ
+    snr_next = ((1.0 - s_next) / s_next.clamp_min(1e-300)) ** 2  # λ' (inf-free at σ' = 0: s_next is 0 there)
+    frac = (1.0 - snr / snr_next.clamp_min(1e-300)).clamp(0.0, 1.0)
+    return torch.where(s_next > 0, eta * s_next * torch.sqrt(frac), torch.zeros_like(s_next))
+
+
+def eta_step_mean_std(x_t: Tensor, v: Tensor, sigma: Tensor | float, sigma_next: Tensor | float, eta: float
+                      ) -> tuple[Tensor, Tensor]:
+    """Mean and std of DDIM's η-step σ -> σ' (< σ) from velocity ``v``:
+
+        x̂0 = x − σ·v,  ε̂ = x + (1 − σ)·v,  μ = (1 − σ')·x̂0 + sqrt(σ'² − s²)·ε̂,  s = ``eta_step_std``
+
+    (η = 0 is the Euler step exactly). ``x_t``, ``v`` ``[N, ...]``; sigmas scalar or ``[N]``. Returns
+    ``(mean [N, ...], std [N, 1, ...] or [])`` in float32 (float64 for float64 inputs)."""
+    dt_ = _compute_dtype(v)
+    x, v = x_t.to(dt_), v.to(dt_)
+    s = _bcast(torch.as_tensor(sigma, dtype=torch.float64), x)
+    s_next = _bcast(torch.as_tensor(sigma_next, dtype=torch.float64), x)
+    std = _bcast(eta_step_std(sigma, sigma_next, eta), x)  # [N, 1, ...] or []
+    x0_hat = x - s.to(dt_) * v
+    eps_hat = x + (1.0 - s).to(dt_) * v
+    mean = (1.0 - s_next).to(dt_) * x0_hat + torch.sqrt((s_next**2 - std**2).clamp_min(0.0)).to(dt_) * eps_hat
+    return mean, std.to(dt_)
+
+
+def step_mean_std(kind: str, x_t: Tensor, v: Tensor, sigma: Tensor | float, sigma_next: Tensor | float,
+                  noise_level: float, sigma_max: float | None = None) -> tuple[Tensor, Tensor]:
+    """Mean and std of one step of ``kind`` (one of ``STEP_KINDS``): Euler (std 0), the flow SDE
+    (``sde_step_mean_std``, noise level a) or the η-step (``eta_step_mean_std``, η)."""
+    require(kind in STEP_KINDS, "step_kind", f"one of {STEP_KINDS}", kind)
+    if kind == "flow_sde":
+        return sde_step_mean_std(x_t, v, sigma, sigma_next, noise_level, sigma_max)
+    if kind == "eta":
+        return eta_step_mean_std(x_t, v, sigma, sigma_next, noise_level)
+    dt_ = _compute_dtype(v)
+    delta = _bcast(torch.as_tensor(sigma_next, dtype=torch.float64) - torch.as_tensor(sigma, dtype=torch.float64),
+                   x_t).to(dt_)
+    return x_t.to(dt_) + delta * v.to(dt_), torch.zeros((), dtype=dt_)
+
+
+def take_step(kind: str, x_t: Tensor, v: Tensor, noise: Tensor, sigma: Tensor | float, sigma_next: Tensor | float,
+              noise_level: float, sigma_max: float | None = None) -> tuple[Tensor, Tensor]:
+    """One step of ``kind`` with standard-normal ``noise`` ``[N, ...]``: ``(x_next [N, ...], log_prob [N])``,
+    x_next = μ + s·z and its per-dimension mean log-density, 0 where the step has no noise (s = 0)."""
+    mean, std = step_mean_std(kind, x_t, v, sigma, sigma_next, noise_level, sigma_max)
+    std_b = std.expand(mean.shape[0], *([1] * (mean.ndim - 1))) if std.ndim else std.expand(mean.shape[0])
+    std_b = std_b.reshape(mean.shape[0], *([1] * (mean.ndim - 1)))  # [N, 1, ...]
+    x_next = mean + std_b * noise.to(mean.dtype)  # [N, ...]
+    noisy = std_b.reshape(-1) > 0  # [N]
+    lp = torch.zeros(mean.shape[0], dtype=mean.dtype, device=mean.device)  # [N]
+    if bool(noisy.any()):
+        lp[noisy] = gaussian_log_prob(x_next[noisy], mean[noisy], std_b[noisy], "mean")
+    return x_next, lp

@@ -284,8 +284,11 @@ def check_group(group: experience_pb2.Group) -> experience_pb2.Group:
     for i, s in enumerate(group.samples):
         if s.HasField("latent"):
             check_tensor_proto(s.latent, what=f"group {group.group_id!r} sample {i} latent")
-        for key, t in s.extras.items():
-            check_tensor_proto(t, what=f"group {group.group_id!r} sample {i} extras[{key!r}]")
+        if s.HasField("trajectory"):
+            for name in ("states", "sigmas", "log_probs", "x0_preds"):
+                t = getattr(s.trajectory, name)
+                if t.ByteSize():
+                    check_tensor_proto(t, what=f"group {group.group_id!r} sample {i} trajectory.{name}")
     return group
 
 

@@ -23,16 +23,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 from prometheus_client import CollectorRegistry
 
+from diffrl.actors.sampler import trajectory_proto
 from diffrl.learner.config import LearnerConfig
 from diffrl.learner.learner import Learner
 from diffrl.models.adapter import FlowModel
-from diffrl.models.sde import (
-    EXTRA_GUIDANCE_SCALE,
-    EXTRA_LATENTS,
-    EXTRA_LOG_PROBS,
-    EXTRA_NOISE_LEVEL,
-    EXTRA_SIGMAS,
-)
 from diffrl.models.tiny_sd3 import TinySD3Arch, build_tiny_sd3
 from diffrl.proto import experience_pb2
 from diffrl.proto.codec import tensor_to_proto
@@ -107,12 +101,7 @@ def _group(step: int, g: int, model: FlowModel, cfg: LearnerConfig) -> experienc
         s = group.samples.add(seed=seed + j, latent=tensor_to_proto(x0[j].float()))
         s.rewards["bright"] = float(x0[j].float().mean()) + 0.1 * float(torch.rand(1, generator=gen))
         if cfg.algorithm == "grpo":
-            s.extras[EXTRA_SIGMAS].CopyFrom(tensor_to_proto(traj.sigmas.to(torch.float64)))
-            s.extras[EXTRA_NOISE_LEVEL].CopyFrom(tensor_to_proto(torch.tensor(c.noise_level, dtype=torch.float64)))
-            s.extras[EXTRA_GUIDANCE_SCALE].CopyFrom(
-                tensor_to_proto(torch.tensor(c.guidance_scale, dtype=torch.float64)))
-            s.extras[EXTRA_LATENTS].CopyFrom(tensor_to_proto(traj.latents[j].float()))
-            s.extras[EXTRA_LOG_PROBS].CopyFrom(tensor_to_proto(traj.log_probs[j].float()))
+            s.trajectory.CopyFrom(trajectory_proto(traj, j, seed + j, 0, "flow_sde", c.noise_level, c.guidance_scale))
     return group
 
 

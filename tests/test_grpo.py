@@ -27,7 +27,7 @@ from diffrl.learner.config import LearnerConfig
 from diffrl.learner.learner import Learner
 from diffrl.models.adapter import FlowModel
 from diffrl.models.config import SamplingConfig
-from diffrl.models.sde import EXTRA_LATENTS, EXTRA_LOG_PROBS, EXTRA_SIGMAS, scheduler_sigmas
+from diffrl.models.sde import scheduler_sigmas
 from diffrl.models.shapes_world import train_prompts
 from diffrl.proto import experience_pb2
 from diffrl.proto.bus import ExperienceConsumer, ExperienceProducer
@@ -67,7 +67,7 @@ def test_sde_sampler_records_match_the_learner_and_a_grpo_step_trains(tiny_model
     model = FlowModel.from_pretrained(str(tiny_model), device="cpu")
     sampling = SamplingConfig(num_steps=STEPS, shift=SHIFT, guidance_scale=CFG, sde_noise_level=NOISE)
     with EmbeddedRedis() as redis:
-        sampler = Sampler("s0", SamplerConfig(k=K, groups_per_round=G, sampling=sampling, record_log_probs=True),
+        sampler = Sampler("s0", SamplerConfig(k=K, groups_per_round=G, sampling=sampling, record_trajectory=True),
                           model, InProcessScorer(), ExperienceProducer(redis.client(), stream="experience"),
                           PromptSource(train_prompts(), 0, 1))
         assert sampler.run_round().groups == G
@@ -75,17 +75,20 @@ def test_sde_sampler_records_match_the_learner_and_a_grpo_step_trains(tiny_model
                                                                                              block_ms=100)]
     assert len(groups) == G
     s0 = groups[0].samples[0]
-    latents = tensor_from_proto(s0.extras[EXTRA_LATENTS])
+    t0 = s0.trajectory
+    latents = tensor_from_proto(t0.states)
     assert latents.shape == (STEPS + 1, *model.latent_shape)
-    assert tensor_from_proto(s0.extras[EXTRA_LOG_PROBS]).shape == (STEPS,)
+    assert tensor_from_proto(t0.log_probs).shape == (STEPS,)
+    assert (t0.step_kind, t0.noise_level, t0.guidance_scale, t0.pair_id) == (experience_pb2.FLOW_SDE, NOISE, CFG, -1)
     assert torch.equal(latents[-1], tensor_from_proto(s0.latent))  # the trajectory ends at the sample
     assert torch.equal(latents[0], model.initial_noise([s0.seed])[0])  # and starts at the seed's ε
-    assert torch.equal(tensor_from_proto(s0.extras[EXTRA_SIGMAS]), GRPOConfig(num_sampling_steps=STEPS,
-                                                                               time_shift=SHIFT).sigmas())
-    # the SDE trajectory is a function of (prompt, seed) alone: another batch gives the same one
-    again = model.sample_sde([groups[0].prompt], [s0.seed], num_steps=STEPS, guidance_scale=CFG, shift=SHIFT,
-                             noise_level=NOISE)
-    assert torch.allclose(again.latents[0], latents, atol=1e-5)
+    assert t0.noise_seed == s0.seed
+    sigmas = tensor_from_proto(t0.sigmas)
+    assert torch.equal(sigmas, GRPOConfig(num_sampling_steps=STEPS, time_shift=SHIFT).sigmas())
+    # the SDE trajectory is a function of (prompt, seeds) alone: another batch gives the same one
+    again = model.sample_trajectory([groups[0].prompt], [t0.noise_seed], [t0.step_seed], sigmas, "flow_sde", NOISE,
+                                    CFG)
+    assert torch.allclose(again.states[0], latents, atol=1e-5)
 
     registry = CollectorRegistry()
     learner = Learner(grpo_learner_config(), FlowModel.from_pretrained(str(tiny_model), device="cpu"),
@@ -116,13 +119,13 @@ def test_sde_sampler_records_match_the_learner_and_a_grpo_step_trains(tiny_model
     bare = experience_pb2.Group()
     bare.CopyFrom(groups[0])
     for s in bare.samples:
-        s.ClearField("extras")
-    assert "record_log_probs" in learner.group_problem(bare)
+        s.ClearField("trajectory")
+    assert "record_trajectory" in learner.group_problem(bare)
 
 
 def test_grpo_recipe_needs_a_recording_sde_sampler():
     cfg = load_config(TrainConfig, REPO / "deploy" / "configs" / "shapes-cpu-grpo.yaml")
-    assert cfg.learner.algorithm == "grpo" and cfg.sampler.record_log_probs
+    assert cfg.learner.algorithm == "grpo" and cfg.sampler.record_trajectory
     # the faithful Flow-GRPO defaults: nothing in the recipe re-creates the earlier behaviour
     g = cfg.learner.grpo
     assert (g.kl_std, g.adv_std, g.skip_zero_adv, g.cfg_uncond_grad, g.sigma_grid) == ("sde", "batch", True, False,
@@ -139,9 +142,11 @@ def test_grpo_recipe_needs_a_recording_sde_sampler():
             load_config(TrainConfig, REPO / "deploy" / "configs" / "shapes-cpu-grpo.yaml", overrides=overrides)
         assert err.value.field == field, (overrides, str(err.value))
     for overrides, field in [
-        (["learner.algorithm=grpo"], "sampler.record_log_probs"),
-        (["learner.algorithm=grpo", "sampler.record_log_probs=true"], "sampler.sampling.sde_noise_level"),
-        (["learner.algorithm=grpo", "sampler.record_log_probs=true", "sampler.sampling.sde_noise_level=0.7",
+        (["learner.algorithm=grpo"], "sampler.record_trajectory"),
+        (["learner.algorithm=grpo", "sampler.record_trajectory=true"], "sampler.sampling.step_kind"),
+        (["learner.algorithm=grpo", "sampler.record_trajectory=true", "sampler.sampling.step_kind=eta"],
+         "sampler.sampling.step_kind"),
+        (["learner.algorithm=grpo", "sampler.record_trajectory=true", "sampler.sampling.sde_noise_level=0.7",
           "sampler.sampling.num_steps=4"], "sampler.sampling.num_steps"),
     ]:
         with pytest.raises(ConfigError) as err:

@@ -231,7 +231,7 @@ def make_case(rewards: list[list[float]], c: GRPOConfig, seed: int = 0):
             "log_probs": log_probs, "cond": cond, "neg": neg}
     batch = ExperienceBatch(groups=[], prompts=PROMPTS[:G], x0=latents[:, -1].reshape(G, K, C, H, W).float(),
                             rewards=r, mask=torch.ones(G, K, dtype=torch.bool), staleness=[0] * G,
-                            trajectory=Trajectory(latents=latents.reshape(G, K, S + 1, C, H, W),
+                            trajectory=Trajectory(states=latents.reshape(G, K, S + 1, C, H, W),
                                                   log_probs=log_probs.reshape(G, K, S), sigmas=sigmas))
     return LinearFlowModel(embeds), theta, anchor, batch, data, sigmas
 
@@ -413,15 +413,9 @@ def test_the_learner_step_on_the_tiny_sd3_model_is_the_reference_gradient(tiny_m
     pre-clip gradient norm is the reference loss's gradient norm on the same records."""
     from prometheus_client import CollectorRegistry
 
+    from diffrl.actors.sampler import trajectory_proto
     from diffrl.learner.config import LearnerConfig
     from diffrl.learner.learner import Learner
-    from diffrl.models.sde import (
-        EXTRA_GUIDANCE_SCALE,
-        EXTRA_LATENTS,
-        EXTRA_LOG_PROBS,
-        EXTRA_NOISE_LEVEL,
-        EXTRA_SIGMAS,
-    )
     from diffrl.proto import experience_pb2
     from diffrl.proto.codec import tensor_to_proto
 
@@ -447,11 +441,7 @@ def test_the_learner_step_on_the_tiny_sd3_model_is_the_reference_gradient(tiny_m
         for k in range(K):
             s = grp.samples.add(seed=10 * gi + k, latent=tensor_to_proto(traj.latents[k, -1].float()))
             s.rewards["r"] = rewards[gi][k]
-            s.extras[EXTRA_SIGMAS].CopyFrom(tensor_to_proto(traj.sigmas))
-            s.extras[EXTRA_NOISE_LEVEL].CopyFrom(tensor_to_proto(torch.tensor(c.noise_level, dtype=F64)))
-            s.extras[EXTRA_GUIDANCE_SCALE].CopyFrom(tensor_to_proto(torch.tensor(w, dtype=F64)))
-            s.extras[EXTRA_LATENTS].CopyFrom(tensor_to_proto(traj.latents[k].float()))
-            s.extras[EXTRA_LOG_PROBS].CopyFrom(tensor_to_proto(traj.log_probs[k].float()))
+            s.trajectory.CopyFrom(trajectory_proto(traj, k, 10 * gi + k, 0, "flow_sde", c.noise_level, w))
         groups.append(grp)
     assert torch.allclose(trajs[0].sigmas, scheduler_sigmas(S, 3.0))  # the sampler draws on the scheduler grid
 

@@ -238,7 +238,13 @@ def make_group(k: int = 4, group_id: str = "g-0001") -> experience_pb2.Group:
         s = g.samples.add(seed=2**63 + i, latent=tensor_to_proto(latent))
         s.rewards["detector"] = float(i) / 3
         s.rewards["compress"] = -1.5 * i
-        s.extras["log_probs"].CopyFrom(tensor_to_proto(torch.randn(10, generator=gen, dtype=torch.float64)))
+        s.trajectory.CopyFrom(experience_pb2.Trajectory(
+            states=tensor_to_proto(torch.randn(4, 4, 8, 8, generator=gen).to(torch.float16)),
+            sigmas=tensor_to_proto(torch.tensor([1.0, 0.6, 0.25, 0.0], dtype=torch.float64)),
+            log_probs=tensor_to_proto(torch.randn(3, generator=gen)),
+            x0_preds=tensor_to_proto(torch.randn(3, 4, 8, 8, generator=gen).to(torch.float16)),
+            noise_seed=2**63 + i - i % 2, step_seed=2**40 + i, step_kind=experience_pb2.ETA, noise_level=0.5,
+            guidance_scale=4.5, pair_id=i // 2))
     return g
 
 
@@ -252,9 +258,13 @@ def test_group_round_trips_through_bytes_exactly():
     for s0, s1 in zip(g.samples, back.samples):
         assert_bitwise_equal(tensor_from_proto(s1.latent), tensor_from_proto(s0.latent))
         assert dict(s1.rewards) == dict(s0.rewards)
-        assert_bitwise_equal(
-            tensor_from_proto(s1.extras["log_probs"]), tensor_from_proto(s0.extras["log_probs"])
-        )
+        for name in ("states", "sigmas", "log_probs", "x0_preds"):
+            assert_bitwise_equal(tensor_from_proto(getattr(s1.trajectory, name)),
+                                 tensor_from_proto(getattr(s0.trajectory, name)))
+        t0, t1 = s0.trajectory, s1.trajectory
+        assert (t1.noise_seed, t1.step_seed, t1.step_kind, t1.noise_level, t1.guidance_scale, t1.pair_id) == (
+            t0.noise_seed, t0.step_seed, experience_pb2.ETA, 0.5, 4.5, t0.pair_id)
+    assert tensor_from_proto(back.samples[3].trajectory.states).dtype == torch.float16  # fp16 storage kept
     # map insertion order does not change the bytes
     g2 = experience_pb2.Group()
     g2.CopyFrom(g)
@@ -269,7 +279,7 @@ def test_corrupt_groups_rejected():
     bad_tensor = make_group(k=2)
     bad_tensor.samples[1].latent.data = bad_tensor.samples[1].latent.data[:-1]
     bad_extra = make_group(k=1)
-    bad_extra.samples[0].extras["x"].CopyFrom(tensor_pb2.Tensor(data=b"\0", shape=[1], dtype="complex64"))
+    bad_extra.samples[0].trajectory.x0_preds.CopyFrom(tensor_pb2.Tensor(data=b"\0", shape=[1], dtype="complex64"))
     cases = {
         "garbage": b"\xff" * 32,
         "truncated": good[: len(good) // 2],

@@ -14,7 +14,8 @@ What an algorithm declares:
       role after every optimizer step) and :class:`Frozen` (the loaded base model); and
       ``sampler_role``, the EMA role published to the samplers;
     * ``record``: what each sample must carry, ``"final"`` (the final latent) or ``"trajectory"``
-      (also the sampler's per-step states and log-probabilities), checked when a recipe loads
+      (also the sampler's trajectory record, proto ``Trajectory``), and with it ``trajectory_needs``
+      (the step kinds it trains on, whether it needs pairs), checked when a recipe loads
       (:meth:`Algorithm.check_recipe`) and per group (:meth:`Algorithm.sample_problem`; a group
       that fails is dropped and counted as invalid);
     * ``step(batch, ctx)``: one optimizer step of every trainable role on a decoded
@@ -30,6 +31,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import torch
+
+from diffrl.learner.batch import TrajectoryNeeds
 
 Tensor = torch.Tensor
 
@@ -136,6 +139,8 @@ class Algorithm:
     name: ClassVar[str]
     config_class: ClassVar[type]
     record: ClassVar[str] = "final"
+    trajectory_needs: ClassVar[TrajectoryNeeds] = TrajectoryNeeds()
+    """With ``record = "trajectory"``: the step kinds it trains on and whether it needs pairs."""
     sampler_role: str = "p_samp"
     default_grad_clip: float = 1.0
     gauges: ClassVar[dict[str, tuple[str, str]]] = {}
@@ -166,9 +171,15 @@ class Algorithm:
         if cls.record == "trajectory":
             from diffrl.config import require
 
-            require(sampler.record_log_probs, "sampler.record_log_probs",
-                    f"true when learner.algorithm={cls.name} (it trains on the per-step records of the "
-                    "SDE sampler; also set sampler.sampling.sde_noise_level > 0)", sampler.record_log_probs)
+            needs = cls.trajectory_needs
+            require(sampler.record_trajectory, "sampler.record_trajectory",
+                    f"true when learner.algorithm={cls.name} (it trains on the samplers' trajectory records)",
+                    sampler.record_trajectory)
+            require(sampler.sampling.kind() in needs.step_kinds, "sampler.sampling.step_kind",
+                    f"one of {needs.step_kinds} when learner.algorithm={cls.name}", sampler.sampling.kind())
+            require(sampler.paired or not needs.paired, "sampler.paired",
+                    f"true when learner.algorithm={cls.name} (it trains on pairs sharing the initial noise)",
+                    sampler.paired)
 
     def check_roles(self) -> None:
         """The declared roles are consistent (called when the learner is built)."""

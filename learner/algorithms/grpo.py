@@ -58,14 +58,12 @@ from diffrl.learner.algorithms.base import (
     Trainable,
     register,
 )
-from diffrl.learner.batch import extra_tensor
+from diffrl.learner.batch import TrajectoryNeeds, trajectory_tensor
 from diffrl.learner.losses import per_sample_mean
 
 # The SDE step itself lives in models/sde.py: the sampler draws and records it with the same code
 # (models do not import the learner), so recorded and recomputed log-probs agree exactly.
 from diffrl.models.sde import (
-    EXTRA_GUIDANCE_SCALE,
-    EXTRA_NOISE_LEVEL,
     LOG_PROB_REDUCTIONS,
     SDE_GRIDS,
     gaussian_log_prob,
@@ -373,6 +371,7 @@ class GRPO(Algorithm):
     name = "grpo"
     config_class = GRPOConfig
     record = "trajectory"
+    trajectory_needs = TrajectoryNeeds(step_kinds=("flow_sde",))
     sampler_role = "p_old"
     gauges: ClassVar[dict[str, tuple[str, str]]] = {
         "clip_fraction": ("diffrl_learner_grpo_clip_fraction", "GRPO: fraction of ratios outside 1 +- clip_range."),
@@ -418,16 +417,15 @@ class GRPO(Algorithm):
     def sample_problem(self, sample, model) -> str | None:
         """The record was sampled with this config's schedule, noise level and CFG scale."""
         c = self.config
-        sigmas = extra_tensor(sample, "sigmas").to(torch.float64)
+        sigmas = trajectory_tensor(sample, "sigmas").to(torch.float64)
         if len(sigmas) != c.num_sampling_steps + 1:
             return (f"{len(sigmas) - 1} recorded steps, expected {c.num_sampling_steps} "
                     f"(learner.grpo.num_sampling_steps={c.num_sampling_steps})")
         if not torch.allclose(sigmas, self.sigmas(model), rtol=0.0, atol=1e-6):
             return ("recorded noise levels differ from learner.grpo's schedule (num_sampling_steps, time_shift, "
                     "sigma_grid)")
-        for key, mine, name in ((EXTRA_NOISE_LEVEL, c.noise_level, "noise_level"),
-                                (EXTRA_GUIDANCE_SCALE, c.guidance_scale, "guidance_scale")):
-            theirs = float(extra_tensor(sample, key))
+        for theirs, mine, name in ((sample.trajectory.noise_level, c.noise_level, "noise_level"),
+                                   (sample.trajectory.guidance_scale, c.guidance_scale, "guidance_scale")):
             if not abs(theirs - mine) <= 1e-6:
                 return f"sampled with {name}={theirs}, learner.grpo.{name}={mine}"
         return None
@@ -467,8 +465,8 @@ class GRPO(Algorithm):
         m_c = batch.mask[idx] if sel is None else sel  # [g, K]
         rows = m_c.reshape(-1).nonzero().squeeze(1)  # [n]
         sigmas = self.sigmas(model)  # [S + 1]
-        x_t = traj.latents[idx, :, j].flatten(0, 1)[rows].to(dev)  # [n, C, H, W] x_{σ_j}
-        x_next = traj.latents[idx, :, j + 1].flatten(0, 1)[rows].to(dev)  # [n, C, H, W] x_{σ_{j+1}}
+        x_t = traj.states[idx, :, j].flatten(0, 1)[rows].to(dev)  # [n, C, H, W] x_{σ_j}
+        x_next = traj.states[idx, :, j + 1].flatten(0, 1)[rows].to(dev)  # [n, C, H, W] x_{σ_{j+1}}
         old = traj.log_probs[idx, :, j].reshape(-1)[rows].to(dev)  # [n] per-dimension mean, as recorded
         if c.log_prob_reduce == "sum":
             old = old * x_t[0].numel()  # the joint log-density
