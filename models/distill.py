@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +46,7 @@ from tqdm import tqdm
 from diffrl.config import require
 from diffrl.models.adapter import FlowModel
 from diffrl.models.lora import LoraConfig, inject_lora
+from diffrl.models.pretrain import lr_factor
 
 STUDENT_FILE = "student.json"
 """What a student folder says about itself: ``num_steps``, ``sigmas``, the teacher, the method, figures."""
@@ -231,13 +231,6 @@ def teacher_match_error(model: FlowModel, denoiser, held_out: Rollouts, steps: i
 # ----------------------------------------------------------------------------------- training
 
 
-def _lr_factor(step: int, elapsed: float, cfg: DistillConfig) -> float:
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = min(1.0, max(elapsed / cfg.time_budget_s, step / cfg.max_steps))
-    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def _trainable(denoiser: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in denoiser.parameters() if p.requires_grad]
 
@@ -307,7 +300,7 @@ def train_student(model: FlowModel, rollouts: Rollouts, steps: int, cfg: Distill
     state = StudentState()
     path = _state_path(cfg, steps)
     if path.is_file():
-        saved = torch.load(path, weights_only=False)
+        saved = torch.load(path, weights_only=True)
         student.load_state_dict(saved["student"])
         ema.load_state_dict(saved["ema"])
         opt.load_state_dict(saved["opt"])
@@ -327,7 +320,7 @@ def train_student(model: FlowModel, rollouts: Rollouts, steps: int, cfg: Distill
         v = model.velocity(x_k, sigma, cond, student)
         loss = segment_loss(v, x_k.to(v.device), x_next.to(v.device), sigma.to(v.device), sigma_next.to(v.device))
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * _lr_factor(state.step, elapsed, cfg)
+            group["lr"] = cfg.lr * lr_factor(state.step, elapsed, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -367,7 +360,7 @@ def _rollout_plan(cfg: DistillConfig, prompts: list[str]) -> tuple[list[str], li
 def _load_or_roll(model: FlowModel, cfg: DistillConfig, name: str, prompts, seeds, levels, progress) -> Rollouts:
     path = cfg.work_dir / f"{name}.pt"
     if path.is_file():
-        saved = torch.load(path, weights_only=False)
+        saved = torch.load(path, weights_only=True)
         same = saved["prompts"] == list(prompts) and saved["levels"] == list(levels)
         if same and saved["seeds"].tolist() == list(seeds):
             return Rollouts(saved["prompts"], saved["seeds"], saved["levels"], saved["states"])

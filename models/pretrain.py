@@ -70,7 +70,9 @@ class PretrainConfig:
         require(0 <= self.ema_decay < 1, "ema_decay", "a float in [0, 1)", self.ema_decay)
 
 
-def _lr_factor(step: int, elapsed: float, cfg: PretrainConfig) -> float:
+def lr_factor(step: int, elapsed: float, cfg) -> float:
+    """Linear warm-up over ``cfg.warmup_steps``, then cosine decay to 5 % over whichever of
+    ``cfg.time_budget_s`` and ``cfg.max_steps`` binds first (pretrain and distill)."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     progress = min(1.0, max(elapsed / cfg.time_budget_s, step / cfg.max_steps))
@@ -114,7 +116,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
         v = denoise(modules[0], x_sigma, sigma * timesteps, hidden, pooled)  # [B, 3, H, W]
         loss = torch.nn.functional.mse_loss(v, eps - x0)
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * _lr_factor(step, elapsed, cfg)
+            group["lr"] = cfg.lr * lr_factor(step, elapsed, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(modules.parameters(), cfg.grad_clip)

@@ -85,9 +85,14 @@ def test_shipped_recipes_load():
 
     configs = Path(__file__).resolve().parents[1] / "deploy" / "configs"
     loaded = {}
+    from diffrl.models.distill import DistillConfig
+
+    schemas = {"pretrain": PretrainConfig, "distill": DistillConfig}
     for path in sorted(configs.glob("*.yaml")):
-        loaded[path.name] = load_config(PretrainConfig if path.name.startswith("pretrain") else TrainConfig, path)
-    assert {"pretrain-shapes.yaml", "shapes-cpu.yaml", "shapes-cpu-nft.yaml", "shapes-cpu-grpo.yaml"} <= set(loaded)
+        loaded[path.name] = load_config(schemas.get(path.name.split("-")[0], TrainConfig), path)
+    assert {"pretrain-shapes.yaml", "shapes-cpu.yaml", "shapes-cpu-nft.yaml", "shapes-cpu-grpo.yaml",
+            "distill-shapes.yaml", "distill-sd35m.yaml"} <= set(loaded)
+    assert loaded["distill-sd35m.yaml"].lora.enabled and loaded["distill-shapes.yaml"].student_steps == [4, 1]
     # the algorithm comparison (docs/results.md): same model, samplers' batch, reward, fine-tune, lr and evaluation
     crd, nft, grpo = (loaded[f"shapes-cpu{s}.yaml"] for s in ("", "-nft", "-grpo"))
     assert (crd.learner.algorithm, nft.learner.algorithm, grpo.learner.algorithm) == ("crd", "nft", "grpo")

@@ -88,5 +88,5 @@ def test_distill_resumes_where_it_stopped(tiny_model, tmp_path):
     second = distill(cfg, PROMPTS, progress=False)
     assert second["students"]["1step"]["optimizer_steps"] == 7  # 3 more, not 7 from scratch
     assert rollouts.stat().st_mtime_ns == stamp  # the teacher's rollouts were not redone
-    state = torch.load(cfg.work_dir / "student-1step.pt", weights_only=False)["state"]
+    state = torch.load(cfg.work_dir / "student-1step.pt", weights_only=True)["state"]
     assert state["step"] == 7 and len(state["losses"]) == 7

@@ -15,6 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
+from fakes import InProcessScorer
 from prometheus_client import CollectorRegistry
 
 from diffrl.actors.config import SamplerConfig
@@ -32,27 +33,10 @@ from diffrl.models.shapes_world import train_prompts
 from diffrl.proto import experience_pb2
 from diffrl.proto.bus import ExperienceConsumer, ExperienceProducer
 from diffrl.proto.codec import tensor_from_proto
-from diffrl.reward_servers.client import GroupScores
-from diffrl.reward_servers.scorers import get_scorer
 from diffrl.schema import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 K, G, STEPS, SHIFT, NOISE, CFG = 4, 2, 4, 3.0, 0.7, 2.0
-
-
-class InProcessScorer:
-    """The real compressibility scorer called in-process (the HTTP path is test_sampler's)."""
-
-    def __init__(self):
-        self.scorer = get_scorer("compressibility")
-
-    def score_groups(self, groups):
-        out = []
-        for g in groups:
-            n = len(g.images)
-            scores, _ = self.scorer.score_batch(list(g.images), [g.prompt] * n, [{}] * n)
-            out.append(GroupScores(scores={"compressibility": scores}, combined=scores))
-        return out
 
 
 def grpo_learner_config() -> LearnerConfig:

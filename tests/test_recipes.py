@@ -37,7 +37,10 @@ SD35M = ("sd35m-ocr.yaml", "sd35m-geneval.yaml")
 
 
 def load_recipe(path: Path, overrides=()):
-    return load_config(PretrainConfig if path.name.startswith("pretrain") else TrainConfig, path, list(overrides))
+    from diffrl.models.distill import DistillConfig
+
+    schema = {"pretrain": PretrainConfig, "distill": DistillConfig}.get(path.name.split("-")[0], TrainConfig)
+    return load_config(schema, path, list(overrides))
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from fakes import InProcessScorer
 
 from diffrl.actors.config import SamplerConfig
 from diffrl.actors.prompts import PromptSource
@@ -22,26 +23,10 @@ from diffrl.models.shapes_world import train_prompts
 from diffrl.proto import experience_pb2
 from diffrl.proto.bus import ExperienceConsumer, ExperienceProducer
 from diffrl.proto.codec import group_to_bytes, tensor_from_proto
-from diffrl.reward_servers.client import GroupScores
-from diffrl.reward_servers.scorers import get_scorer
 from diffrl.schema import TrainConfig
 
 F64 = torch.float64
 K, G, STEPS = 4, 2, 4
-
-
-class InProcessScorer:
-    """The real compressibility scorer called in-process."""
-
-    def __init__(self):
-        self.scorer = get_scorer("compressibility")
-
-    def score_groups(self, groups):
-        out = []
-        for g in groups:
-            scores, _ = self.scorer.score_batch(list(g.images), [g.prompt] * len(g.images), [{}] * len(g.images))
-            out.append(GroupScores(scores={"compressibility": scores}, combined=scores))
-        return out
 
 
 # ------------------------------------------------------------------------------------ the η-step
