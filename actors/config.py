@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from diffrl.config import require
 from diffrl.models.config import SamplingConfig
+from diffrl.models.step_rewards import SCORE_STEPS
 
 
 @dataclass
@@ -30,6 +31,14 @@ class SamplerConfig:
     trajectory_dtype: str = "float32"
     """Storage dtype of the recorded states and x̂0 predictions: float32, or float16 (half the Redis
     bytes; log-probs and σ stay float32/float64)."""
+    score_steps: str = "final"
+    """Which images the rewards score: final (each sample), sdpo (also each sample's predicted clean
+    state x̂0 at the first step and at SDPO's anchor step, the one least like the first and the last),
+    all (also x̂0 at every step). The scores go into the trajectory record's step_rewards (needs
+    record_trajectory); each adds a decode and a reward call per image."""
+    anchor_center: bool = False
+    """With score_steps=sdpo: centre each x̂0 before the cosine similarities of the anchor rule (on
+    near-white images the raw cosine is dominated by the background)."""
     max_pending_groups: int = 32
     """Backpressure: a sampler waits while the stream holds more unconsumed groups than this."""
     backpressure_poll_s: float = 0.2
@@ -72,6 +81,10 @@ class SamplerConfig:
         require(self.torch_threads >= 1, "torch_threads", "an int >= 1", self.torch_threads)
         require(self.max_restarts >= -1, "max_restarts", "an int >= -1 (-1: forever)")
         require(self.metrics_port >= -1, "metrics_port", "a port, 0 or -1")
+        require(self.score_steps in SCORE_STEPS, "score_steps", f"one of {SCORE_STEPS}", self.score_steps)
+        require(self.score_steps == "final" or self.record_trajectory, "record_trajectory",
+                f"true when score_steps={self.score_steps} (step rewards live in the trajectory record)",
+                self.record_trajectory)
         require(self.trajectory_dtype in ("float32", "float16"), "trajectory_dtype", "float32|float16",
                 self.trajectory_dtype)
         require(not self.paired or self.k % 2 == 0, "k", "an even int when paired is true (K/2 pairs)", self.k)

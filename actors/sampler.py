@@ -29,6 +29,7 @@ from diffrl.actors.metrics import SamplerMetrics
 from diffrl.actors.prompts import PromptSource
 from diffrl.models.adapter import FlowModel
 from diffrl.models.lora import LoraConfig, load_lora_weights
+from diffrl.models.step_rewards import anchor_steps, steps_to_score
 from diffrl.proto import experience_pb2
 from diffrl.proto.codec import tensor_to_proto
 from diffrl.proto.weight_sync import WeightSource
@@ -83,7 +84,7 @@ def trajectory_proto(traj, n: int, noise_seed: int, step_seed: int, step_kind: s
         states=tensor_to_proto(traj.states[n].to(store)), sigmas=tensor_to_proto(traj.sigmas.to(torch.float64)),
         log_probs=tensor_to_proto(traj.log_probs[n].float()), x0_preds=tensor_to_proto(traj.x0_preds[n].to(store)),
         noise_seed=noise_seed, step_seed=step_seed, step_kind=STEP_KIND_PROTO[step_kind], noise_level=noise_level,
-        guidance_scale=guidance_scale, pair_id=pair_id)
+        guidance_scale=guidance_scale, pair_id=pair_id, anchor_step=-1)
 
 
 class MaskedRoundsError(RuntimeError):
@@ -190,12 +191,16 @@ class Sampler:
 
         t = time.perf_counter()
         images = self.model.to_uint8(self.model.decode(x0))  # [G*K, H, W, 3]
+        plan, anchors = self.step_plan(traj, len(flat_prompts))
+        step_images = self.decode_steps(traj, plan)  # per sample: its x̂0_j images in plan order
         stages["decode"] = time.perf_counter() - t
 
         t = time.perf_counter()
         metadata = [dict(item.metadata) for item in items]
-        requests = [RewardGroup(images=list(images[g * k:(g + 1) * k]), prompt=p, metadata=metadata[g])
-                    for g, p in enumerate(prompts)]
+        # one request per prompt: its K samples, then the scored x̂0_j of each sample (sampler.score_steps)
+        requests = [RewardGroup(images=list(images[g * k:(g + 1) * k])
+                                + [im for n in range(g * k, (g + 1) * k) for im in step_images[n]],
+                                prompt=p, metadata=metadata[g]) for g, p in enumerate(prompts)]
         scores = self.scorer.score_groups(requests)
         stages["reward"] = time.perf_counter() - t
 
@@ -222,6 +227,7 @@ class Sampler:
                 if record and outcome.ok:  # a masked group is never trained: no records
                     sample.trajectory.CopyFrom(self.trajectory_record(traj, n, noise_seeds[n], step_seeds[n],
                                                                       i // 2 if cfg.paired else -1))
+                    self.record_step_rewards(sample.trajectory, outcome, plan, g, i, anchors)
                 if outcome.ok:
                     for name, values in outcome.scores.items():
                         sample.rewards[name] = float(values[i])
@@ -257,6 +263,46 @@ class Sampler:
         if cfg.paired:
             noise = [noise[i - i % 2] for i in range(n)]  # k is even: pairs never straddle groups
         return noise, steps
+
+    def step_plan(self, traj, n: int) -> tuple[list[list[int]], torch.Tensor | None]:
+        """Per sample, the steps whose x̂0 is scored besides the sample (``sampler.score_steps``), and
+        SDPO's anchors ``[n]`` (None unless score_steps is sdpo)."""
+        mode = self.cfg.score_steps
+        if mode == "final" or traj is None:
+            return [[] for _ in range(n)], None
+        S = traj.x0_preds.shape[1]
+        anchors = anchor_steps(traj.x0_preds, self.cfg.anchor_center)[0] if mode == "sdpo" else None
+        return steps_to_score(mode, anchors if anchors is not None else torch.zeros(n, dtype=torch.long), S), anchors
+
+    def decode_steps(self, traj, plan: list[list[int]]) -> list[list[np.ndarray]]:
+        """The planned x̂0_j of every sample decoded to uint8 images (one batch)."""
+        picks = [(n, j) for n, steps in enumerate(plan) for j in steps]
+        out: list[list[np.ndarray]] = [[] for _ in plan]
+        if not picks:
+            return out
+        preds = torch.stack([traj.x0_preds[n, j] for n, j in picks]).to(self.model.device)  # [M, C, H, W]
+        for (n, _), image in zip(picks, self.model.to_uint8(self.model.decode(preds))):
+            out[n].append(image)
+        return out
+
+    def record_step_rewards(self, record: experience_pb2.Trajectory, outcome, plan: list[list[int]], g: int, i: int,
+                            anchors: torch.Tensor | None) -> None:
+        """Fill ``record.step_rewards`` of sample i of group g: the scored x̂0_j (its plan) and, at the
+        last step, the sample's own reward; NaN elsewhere. Scores follow the request's order: the K
+        samples, then each sample's planned steps."""
+        if self.cfg.score_steps == "final":
+            return
+        k = self.cfg.k
+        S = record.log_probs.shape[0]
+        start = k + sum(len(plan[g * k + m]) for m in range(i))  # this sample's first step score
+        steps = plan[g * k + i]
+        for name, values in outcome.scores.items():
+            r = torch.full((S,), float("nan"))
+            for offset, j in enumerate(steps):
+                r[j] = float(values[start + offset])
+            r[S - 1] = float(values[i])  # the last step's x̂0 is the sample (η-step into σ = 0)
+            record.step_rewards[name].CopyFrom(tensor_to_proto(r))
+        record.anchor_step = int(anchors[g * k + i]) if anchors is not None else -1
 
     def trajectory_record(self, traj, n: int, noise_seed: int, step_seed: int, pair_id: int
                           ) -> experience_pb2.Trajectory:

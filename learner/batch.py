@@ -58,6 +58,11 @@ class Trajectory:
     """``[G, K]`` int64: initial-noise seeds."""
     step_seeds: Tensor | None = None
     """``[G, K]`` int64: step-noise seeds."""
+    step_rewards: Tensor | None = None
+    """``[G, K, S]`` float64: the trained reward (``learner.reward_weights``) of each x̂0_j the samplers
+    scored (``sampler.score_steps``), NaN where unscored; None when no sample has step rewards."""
+    anchors: Tensor | None = None
+    """``[G, K]`` int64: SDPO's anchor step of each sample (-1: none)."""
 
     @property
     def latents(self) -> Tensor:
@@ -122,6 +127,9 @@ def trajectory_problem(sample, latent_shape: Sequence[int], needs: TrajectoryNee
             return f"trajectory.{name} shape {tuple(have.shape)}, expected {shape} ({S} recorded steps)"
         if have.dtype not in FLOAT_WIRE:
             return f"trajectory.{name} dtype {have.dtype!r} is not floating point"
+    for name, r in t.step_rewards.items():
+        if tuple(r.shape) != (S,):
+            return f"trajectory.step_rewards[{name!r}] shape {tuple(r.shape)}, expected ({S},)"
     kind = STEP_KIND_NAMES.get(t.step_kind)
     if kind is None:
         return f"trajectory.step_kind {t.step_kind} is not a known step kind"
@@ -196,20 +204,37 @@ def decode(groups: Sequence[Group], latent_shape: Sequence[int], reward_weights:
             x0[gi, ki] = tensor_from_proto(s.latent, what="latent").to(torch.float32)
             rewards[gi, ki] = reward_of(s, reward_weights)
             mask[gi, ki] = True
-    trajectory = _decode_trajectory(groups, K, latent_shape) if record == "trajectory" else None
+    trajectory = _decode_trajectory(groups, K, latent_shape, reward_weights) if record == "trajectory" else None
     return ExperienceBatch(groups=list(groups), prompts=[g.prompt for g in groups], x0=x0, rewards=rewards,
                            mask=mask, staleness=[max(0, version - int(g.policy_version)) for g in groups],
                            trajectory=trajectory)
 
 
-def _decode_trajectory(groups: Sequence[Group], K: int, latent_shape: Sequence[int]) -> Trajectory:
+def _step_rewards(record, S: int, weights: Mapping[str, float]) -> Tensor:
+    """``[S]`` float64: Σ weight·step_rewards[name] (every reward when ``weights`` is empty); NaN where
+    any of them is unscored or missing."""
+    names = list(weights) or list(record.step_rewards)
+    out = torch.zeros(S, dtype=torch.float64)
+    for name in names:
+        if name not in record.step_rewards:
+            return torch.full((S,), float("nan"), dtype=torch.float64)
+        r = tensor_from_proto(record.step_rewards[name], what=f"trajectory.step_rewards[{name!r}]").double()
+        out = out + (weights.get(name, 1.0) if weights else 1.0) * r
+    return out
+
+
+def _decode_trajectory(groups: Sequence[Group], K: int, latent_shape: Sequence[int],
+                       reward_weights: Mapping[str, float] | None = None) -> Trajectory:
     sigmas = trajectory_tensor(groups[0].samples[0], "sigmas").to(torch.float64)  # [S + 1]
     S = len(sigmas) - 1
     G = len(groups)
     states = torch.zeros(G, K, S + 1, *latent_shape, dtype=torch.float32)
     x0_preds = torch.zeros(G, K, S, *latent_shape, dtype=torch.float32)
     log_probs = torch.zeros(G, K, S, dtype=torch.float32)
-    ids = {name: torch.full((G, K), -1, dtype=torch.int64) for name in ("pair_id", "noise_seed", "step_seed")}
+    ids = {name: torch.full((G, K), -1, dtype=torch.int64)
+           for name in ("pair_id", "noise_seed", "step_seed", "anchor_step")}
+    scored = any(len(s.trajectory.step_rewards) for g in groups for s in g.samples)
+    step_rewards = torch.full((G, K, S), float("nan"), dtype=torch.float64) if scored else None
     for gi, g in enumerate(groups):
         for ki, s in enumerate(g.samples):
             if tuple(s.trajectory.sigmas.shape) != (S + 1,):
@@ -219,5 +244,8 @@ def _decode_trajectory(groups: Sequence[Group], K: int, latent_shape: Sequence[i
             log_probs[gi, ki] = trajectory_tensor(s, "log_probs").float()
             for name, t in ids.items():
                 t[gi, ki] = int(getattr(s.trajectory, name))
+            if step_rewards is not None:
+                step_rewards[gi, ki] = _step_rewards(s.trajectory, S, reward_weights or {})
     return Trajectory(states=states, log_probs=log_probs, x0_preds=x0_preds, sigmas=sigmas,
-                      pair_ids=ids["pair_id"], noise_seeds=ids["noise_seed"], step_seeds=ids["step_seed"])
+                      pair_ids=ids["pair_id"], noise_seeds=ids["noise_seed"], step_seeds=ids["step_seed"],
+                      step_rewards=step_rewards, anchors=ids["anchor_step"] if scored else None)

@@ -287,9 +287,9 @@ class Checkpointing:
                                                       load_module_strict=not self.is_lora)
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed could not load {folder / engine_tag(role)}")
-            if net.engine.global_steps != step:
-                raise RuntimeError(f"{role}'s engine restored at step {net.engine.global_steps}, "
-                                   f"checkpoint says {step}")
+            if net.engine.global_steps != step * net.spec.steps_per_batch:
+                raise RuntimeError(f"{role}'s engine restored at optimizer step {net.engine.global_steps}, "
+                                   f"checkpoint says learner step {step} x {net.spec.steps_per_batch}")
         for role, snap in self.nets.snapshots.items():
             path = folder / snapshot_file(role)
             snap.load(load_tensors(path), str(path))

@@ -86,7 +86,8 @@ class StepRun:
         # DeepSpeed divides by gradient_accumulation_steps = passes·chunks: Σ_pass Σ_c (share_c/passes)·L
         net.engine.backward(loss * (share * chunks))
         done = self._passes[role] = self._passes.get(role, 0) + 1
-        if done == net.spec.backward_passes * chunks and lrn.config.zero_stage == 0 and lrn.dtype == torch.float32:
+        boundary = done % (net.spec.backward_passes * chunks) == 0  # this pass ends an optimizer step
+        if boundary and lrn.config.zero_stage == 0 and lrn.dtype == torch.float32:
             grads = [p.grad for p in net.params if p.grad is not None]
             self.grad_norms[role] = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
         net.engine.step()
@@ -291,22 +292,24 @@ class Learner(StreamLoop, Checkpointing):
         if len(groups) < self.num_chunks:
             raise ValueError(f"groups: expected at least {self.num_chunks} (one per micro-chunk), got {len(groups)}")
         version_before = self.step
+        engine_steps = {role: net.engine.global_steps for role, net in self.nets.trained.items()}
         batch = self.decode(groups)
         G = len(groups)
         run = self.step_context(G)
         lr = float(self.engine.get_lr()[0])  # this step's (learner.lr_warmup_steps moves it after the step)
         result: StepResult = self.algorithm.step(batch, run)
         for role, net in self.nets.trained.items():
-            if net.engine.global_steps != version_before + 1:
-                raise RuntimeError(f"{role}: DeepSpeed took {net.engine.global_steps - version_before} optimizer "
-                                   "steps in one learner step (expected exactly 1; does the algorithm call "
-                                   "ctx.backward backward_passes times per chunk?)")
+            taken, want = net.engine.global_steps - engine_steps[role], net.spec.steps_per_batch
+            if taken != want:
+                raise RuntimeError(f"{role}: DeepSpeed took {taken} optimizer steps in one learner step (expected "
+                                   f"{want}; does the algorithm call ctx.backward backward_passes times per chunk "
+                                   "and optimizer step?)")
         grad_norm = run.grad_norms.get(self._main.spec.name)
         ds_norm = self.engine.get_global_grad_norm()
         if ds_norm is not None:
             grad_norm = float(ds_norm)
 
-        s = self.engine.global_steps  # optimizer steps taken, this one included
+        s = version_before + 1  # learner steps taken, this one included (the policy version)
         decays = {name: float(snap.spec.decay(s)) for name, snap in self.nets.snapshots.items()}
         if s % self.config.blend_every == 0:  # the snapshot cadence (learner.blend_every)
             self.nets.blend(decays)

@@ -25,27 +25,31 @@ _sym_db = _symbol_database.Default()
 from diffrl.proto import tensor_pb2 as diffrl_dot_proto_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64iffrl/proto/experience.proto\x12\tdiffrl.v1\x1a\x19\x64iffrl/proto/tensor.proto\"\xaa\x02\n\nTrajectory\x12!\n\x06states\x18\x01 \x01(\x0b\x32\x11.diffrl.v1.Tensor\x12!\n\x06sigmas\x18\x02 \x01(\x0b\x32\x11.diffrl.v1.Tensor\x12$\n\tlog_probs\x18\x03 \x01(\x0b\x32\x11.diffrl.v1.Tensor\x12#\n\x08x0_preds\x18\x04 \x01(\x0b\x32\x11.diffrl.v1.Tensor\x12\x12\n\nnoise_seed\x18\x05 \x01(\x04\x12\x11\n\tstep_seed\x18\x06 \x01(\x04\x12&\n\tstep_kind\x18\x07 \x01(\x0e\x32\x13.diffrl.v1.StepKind\x12\x13\n\x0bnoise_level\x18\x08 \x01(\x01\x12\x16\n\x0eguidance_scale\x18\t \x01(\x01\x12\x0f\n\x07pair_id\x18\n \x01(\x05\"\xd3\x01\n\x06Sample\x12\x0c\n\x04seed\x18\x01 \x01(\x04\x12!\n\x06latent\x18\x02 \x01(\x0b\x32\x11.diffrl.v1.Tensor\x12/\n\x07rewards\x18\x03 \x03(\x0b\x32\x1e.diffrl.v1.Sample.RewardsEntry\x12)\n\ntrajectory\x18\x05 \x01(\x0b\x32\x15.diffrl.v1.Trajectory\x1a.\n\x0cRewardsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01J\x04\x08\x04\x10\x05R\x06\x65xtras\"\xa8\x02\n\x05Group\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12=\n\x0fprompt_metadata\x18\x03 \x03(\x0b\x32$.diffrl.v1.Group.PromptMetadataEntry\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x04\x12\x12\n\nsampler_id\x18\x05 \x01(\t\x12\x12\n\ncreated_at\x18\x06 \x01(\x01\x12\"\n\x07samples\x18\x07 \x03(\x0b\x32\x11.diffrl.v1.Sample\x12\x0e\n\x06masked\x18\x08 \x01(\x08\x12\x13\n\x0bmask_reason\x18\t \x01(\t\x1a\x35\n\x13PromptMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*G\n\x08StepKind\x12\x19\n\x15STEP_KIND_UNSPECIFIED\x10\x00\x12\t\n\x05\x45ULER\x10\x01\x12\x0c\n\x08\x46LOW_SDE\x10\x02\x12\x07\n\x03\x45TA\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64iffrl/proto/experience.proto\x12\tdiffrl.v1\x1a\x19\x64iffrl/proto/tensor.proto\"\xc4\x03\n\nTrajectory\x12!\n\x06states\x18\x01 \x01(\x0b\x32\x11.diffrl.v1.Tensor\x12!\n\x06sigmas\x18\x02 \x01(\x0b\x32\x11.diffrl.v1.Tensor\x12$\n\tlog_probs\x18\x03 \x01(\x0b\x32\x11.diffrl.v1.Tensor\x12#\n\x08x0_preds\x18\x04 \x01(\x0b\x32\x11.diffrl.v1.Tensor\x12\x12\n\nnoise_seed\x18\x05 \x01(\x04\x12\x11\n\tstep_seed\x18\x06 \x01(\x04\x12&\n\tstep_kind\x18\x07 \x01(\x0e\x32\x13.diffrl.v1.StepKind\x12\x13\n\x0bnoise_level\x18\x08 \x01(\x01\x12\x16\n\x0eguidance_scale\x18\t \x01(\x01\x12\x0f\n\x07pair_id\x18\n \x01(\x05\x12<\n\x0cstep_rewards\x18\x0b \x03(\x0b\x32&.diffrl.v1.Trajectory.StepRewardsEntry\x12\x13\n\x0b\x61nchor_step\x18\x0c \x01(\x05\x1a\x45\n\x10StepRewardsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12 \n\x05value\x18\x02 \x01(\x0b\x32\x11.diffrl.v1.Tensor:\x02\x38\x01\"\xd3\x01\n\x06Sample\x12\x0c\n\x04seed\x18\x01 \x01(\x04\x12!\n\x06latent\x18\x02 \x01(\x0b\x32\x11.diffrl.v1.Tensor\x12/\n\x07rewards\x18\x03 \x03(\x0b\x32\x1e.diffrl.v1.Sample.RewardsEntry\x12)\n\ntrajectory\x18\x05 \x01(\x0b\x32\x15.diffrl.v1.Trajectory\x1a.\n\x0cRewardsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01J\x04\x08\x04\x10\x05R\x06\x65xtras\"\xa8\x02\n\x05Group\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12=\n\x0fprompt_metadata\x18\x03 \x03(\x0b\x32$.diffrl.v1.Group.PromptMetadataEntry\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x04\x12\x12\n\nsampler_id\x18\x05 \x01(\t\x12\x12\n\ncreated_at\x18\x06 \x01(\x01\x12\"\n\x07samples\x18\x07 \x03(\x0b\x32\x11.diffrl.v1.Sample\x12\x0e\n\x06masked\x18\x08 \x01(\x08\x12\x13\n\x0bmask_reason\x18\t \x01(\t\x1a\x35\n\x13PromptMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*G\n\x08StepKind\x12\x19\n\x15STEP_KIND_UNSPECIFIED\x10\x00\x12\t\n\x05\x45ULER\x10\x01\x12\x0c\n\x08\x46LOW_SDE\x10\x02\x12\x07\n\x03\x45TA\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'diffrl.proto.experience_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_TRAJECTORY_STEPREWARDSENTRY']._loaded_options = None
+  _globals['_TRAJECTORY_STEPREWARDSENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLE_REWARDSENTRY']._loaded_options = None
   _globals['_SAMPLE_REWARDSENTRY']._serialized_options = b'8\001'
   _globals['_GROUP_PROMPTMETADATAENTRY']._loaded_options = None
   _globals['_GROUP_PROMPTMETADATAENTRY']._serialized_options = b'8\001'
-  _globals['_STEPKIND']._serialized_start=885
-  _globals['_STEPKIND']._serialized_end=956
+  _globals['_STEPKIND']._serialized_start=1039
+  _globals['_STEPKIND']._serialized_end=1110
   _globals['_TRAJECTORY']._serialized_start=72
-  _globals['_TRAJECTORY']._serialized_end=370
-  _globals['_SAMPLE']._serialized_start=373
-  _globals['_SAMPLE']._serialized_end=584
-  _globals['_SAMPLE_REWARDSENTRY']._serialized_start=524
-  _globals['_SAMPLE_REWARDSENTRY']._serialized_end=570
-  _globals['_GROUP']._serialized_start=587
-  _globals['_GROUP']._serialized_end=883
-  _globals['_GROUP_PROMPTMETADATAENTRY']._serialized_start=830
-  _globals['_GROUP_PROMPTMETADATAENTRY']._serialized_end=883
+  _globals['_TRAJECTORY']._serialized_end=524
+  _globals['_TRAJECTORY_STEPREWARDSENTRY']._serialized_start=455
+  _globals['_TRAJECTORY_STEPREWARDSENTRY']._serialized_end=524
+  _globals['_SAMPLE']._serialized_start=527
+  _globals['_SAMPLE']._serialized_end=738
+  _globals['_SAMPLE_REWARDSENTRY']._serialized_start=678
+  _globals['_SAMPLE_REWARDSENTRY']._serialized_end=724
+  _globals['_GROUP']._serialized_start=741
+  _globals['_GROUP']._serialized_end=1037
+  _globals['_GROUP_PROMPTMETADATAENTRY']._serialized_start=984
+  _globals['_GROUP_PROMPTMETADATAENTRY']._serialized_end=1037
 # @@protoc_insertion_point(module_scope)

@@ -20,7 +20,14 @@ FLOW_SDE: StepKind
 ETA: StepKind
 
 class Trajectory(_message.Message):
-    __slots__ = ("states", "sigmas", "log_probs", "x0_preds", "noise_seed", "step_seed", "step_kind", "noise_level", "guidance_scale", "pair_id")
+    __slots__ = ("states", "sigmas", "log_probs", "x0_preds", "noise_seed", "step_seed", "step_kind", "noise_level", "guidance_scale", "pair_id", "step_rewards", "anchor_step")
+    class StepRewardsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
     STATES_FIELD_NUMBER: _ClassVar[int]
     SIGMAS_FIELD_NUMBER: _ClassVar[int]
     LOG_PROBS_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +38,8 @@ class Trajectory(_message.Message):
     NOISE_LEVEL_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     PAIR_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_REWARDS_FIELD_NUMBER: _ClassVar[int]
+    ANCHOR_STEP_FIELD_NUMBER: _ClassVar[int]
     states: _tensor_pb2.Tensor
     sigmas: _tensor_pb2.Tensor
     log_probs: _tensor_pb2.Tensor
@@ -41,7 +50,9 @@ class Trajectory(_message.Message):
     noise_level: float
     guidance_scale: float
     pair_id: int
-    def __init__(self, states: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., sigmas: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., log_probs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., x0_preds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., noise_seed: _Optional[int] = ..., step_seed: _Optional[int] = ..., step_kind: _Optional[_Union[StepKind, str]] = ..., noise_level: _Optional[float] = ..., guidance_scale: _Optional[float] = ..., pair_id: _Optional[int] = ...) -> None: ...
+    step_rewards: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    anchor_step: int
+    def __init__(self, states: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., sigmas: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., log_probs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., x0_preds: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., noise_seed: _Optional[int] = ..., step_seed: _Optional[int] = ..., step_kind: _Optional[_Union[StepKind, str]] = ..., noise_level: _Optional[float] = ..., guidance_scale: _Optional[float] = ..., pair_id: _Optional[int] = ..., step_rewards: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., anchor_step: _Optional[int] = ...) -> None: ...
 
 class Sample(_message.Message):
     __slots__ = ("seed", "latent", "rewards", "trajectory")

@@ -151,3 +151,31 @@ def test_the_ocr_recipe_shape_runs_on_a_tiny_sd3_with_t5(tiny_t5_model):
     changed = [k for k in lora if not torch.equal(lora0[k], lora[k])]
     b = [k for k in lora if ".lora_B" in k]  # B starts at 0, so A gets no gradient in the first step
     assert len(changed) >= len(b) - 1 and set(changed) <= set(b)  # (the last block's text query: none)
+
+
+def test_the_sdpo_recipe_shape_runs_on_a_tiny_sd3_with_t5(tiny_t5_model):
+    """deploy/configs/sd35m-sdpo.yaml on a tiny SD3 with T5: paired η-step groups with the anchor rule's
+    scored predictions, then one SDPO learner step of the LoRA (one optimizer step per trained slot)."""
+    cfg = load_recipe(CONFIGS / "sd35m-sdpo.yaml", [
+        f"model.path={tiny_t5_model}", "model.resolution=16", "model.dtype=float32", "model.device=cpu",
+        "learner.dtype=float32", "learner.device=cpu", "learner.world_size=1", "learner.groups_per_step=2",
+        "learner.torch_threads=1", "sampler.k=4", "sampler.groups_per_round=2", "sampler.num_samplers=1",
+        "sampler.num_gpus=0", "placement.num_gpus=0", "learner.checkpoint_every=0"])
+    assert cfg.sampler.paired and cfg.sampler.score_steps == "sdpo" and cfg.learner.sdpo.step_rewards == "anchor"
+    assert cfg.learner.lr == 5e-5 and cfg.learner.betas == [0.9, 0.999] and cfg.learner.weight_decay == 1e-4
+    model = FlowModel.from_config(cfg.model)
+    train, _ = cfg.data.load()
+    scorer, sink = FakeOcr(), ListSink()
+    sampler = Sampler("s0", cfg.sampler, model, scorer, sink, PromptSource(train.items, seed=cfg.sampler.seed),
+                      lora=cfg.learner.lora)
+    assert sampler.run_round().groups == 2
+    rec = sink.groups[0].samples[0].trajectory
+    assert rec.states.dtype == "float16" and rec.anchor_step >= 0 and "ocr" in rec.step_rewards
+    learner = Learner(replace(cfg.learner, reward_weights={"ocr": 1.0}), load_learner_model(cfg.learner, cfg.model),
+                      registry=CollectorRegistry())
+    assert all(learner.group_problem(g) is None for g in sink.groups)
+    lora0 = learner.theta_state_dict()
+    stats = learner.train_on_groups(sink.groups)
+    assert torch.isfinite(torch.tensor(stats["loss"])) and learner.engine.global_steps == 3
+    lora = learner.theta_state_dict()
+    assert any(not torch.equal(lora0[k], lora[k]) for k in lora)

@@ -4,6 +4,8 @@ with its clamp (values and gradients), and one step permutation per pair applied
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -86,3 +88,82 @@ def test_one_permutation_per_pair_moves_every_per_step_tensor_alike():
     for i in range(2):
         for k in range(3):  # slot k of pair i holds step p[i, k] of every tensor
             assert torch.equal(moved_states[i, k], states[i, p[i, k]]) and moved_w[i, k] == w[i, p[i, k]]
+
+
+def sdpo_setup(tiny_model, mode="sdpo"):
+    from fakes import InProcessScorer
+
+    from diffrl.actors.config import SamplerConfig
+    from diffrl.actors.prompts import PromptSource
+    from diffrl.actors.sampler import Sampler
+    from diffrl.learner.algorithms.sdpo import SDPOConfig
+    from diffrl.learner.config import LearnerConfig
+    from diffrl.models.adapter import FlowModel
+    from diffrl.models.config import SamplingConfig
+    from diffrl.models.shapes_world import train_prompts
+
+    sampler_cfg = SamplerConfig(k=4, groups_per_round=2, record_trajectory=True, paired=True, score_steps=mode,
+                                sampling=SamplingConfig(num_steps=4, step_kind="eta", eta=1.0))
+    lcfg = LearnerConfig(algorithm="sdpo", groups_per_step=2, torch_threads=1, checkpoint_every=0, lr=1e-3,
+                         device="cpu", dtype="float32", seed=0)
+    lcfg.sdpo = SDPOConfig(num_sampling_steps=4, step_rewards="anchor" if mode == "sdpo" else "all")
+    model = FlowModel.from_pretrained(str(tiny_model), device="cpu")
+    make = lambda sink: Sampler("s0", sampler_cfg, model, InProcessScorer(), sink,
+                                PromptSource(train_prompts(), 0, 1))
+    return sampler_cfg, lcfg, make
+
+
+@pytest.mark.parametrize("mode", ["sdpo", "all"])
+def test_two_sdpo_learner_steps_through_redis_with_paired_groups(tiny_model, mode):
+    from prometheus_client import CollectorRegistry
+
+    from diffrl.embedded_redis import EmbeddedRedis
+    from diffrl.learner.algorithms.sdpo import SDPO
+    from diffrl.learner.learner import Learner
+    from diffrl.models.adapter import FlowModel
+    from diffrl.proto.bus import ExperienceConsumer, ExperienceProducer
+
+    sampler_cfg, lcfg, make = sdpo_setup(tiny_model, mode)
+    SDPO.check_recipe(lcfg.sdpo, sampler_cfg)
+    registry = CollectorRegistry()
+    learner = Learner(lcfg, FlowModel.from_pretrained(str(tiny_model), device="cpu"), registry=registry)
+    assert learner.algorithm.J == [0, 1, 2]  # the η-step into σ = 0 has no noise: not trained
+    with EmbeddedRedis() as redis:
+        sampler = make(ExperienceProducer(redis.client(), stream="exp"))
+        consumer = ExperienceConsumer(redis.client(), stream="exp")
+        theta0 = learner.theta_state_dict()
+        for step in (1, 2):
+            sampler.run_round()
+            groups = [g for _, g in consumer.read(max_groups=2, block_ms=200)]
+            assert len(groups) == 2 and all(learner.group_problem(g) is None for g in groups)
+            if step == 1:  # sampled with the weights being trained: the recorded log-probs are θ's
+                ratios = learner.algorithm.log_ratios(learner.decode(groups), learner.step_context())
+                assert ratios.shape == (2, 4, 3) and float(ratios.abs().max()) < 1e-5
+            stats = learner.train_on_groups(groups)
+            assert learner.step == step and learner.engine.global_steps == 3 * step  # one step per time slot
+            assert math.isfinite(stats["loss"]) and 0.0 <= stats["clamp_fraction"] <= 1.0
+            for j in range(4):
+                assert math.isfinite(stats[f"reward_step{j}"])
+            assert registry.get_sample_value("diffrl_learner_sdpo_clamp_fraction") == stats["clamp_fraction"]
+    theta = learner.theta_state_dict()
+    assert any(not torch.equal(theta0[k], theta[k]) for k in theta)
+    samp = learner.snapshot_state_dict("p_samp")
+    assert all(torch.equal(samp[k], theta[k]) for k in theta)  # p_samp = θ
+
+
+def test_sdpo_recipe_checks_name_the_sampler_field(tiny_model):
+    from diffrl.config import ConfigError, load_config
+    from diffrl.schema import TrainConfig
+
+    base = ["learner.algorithm=sdpo", "sampler.record_trajectory=true", "sampler.paired=true",
+            "sampler.sampling.step_kind=eta", "sampler.sampling.num_steps=4", "sampler.score_steps=sdpo"]
+    load_config(TrainConfig, overrides=base)
+    for extra, field in [(["sampler.paired=false"], "sampler.paired"),
+                         (["sampler.score_steps=all"], "sampler.score_steps"),
+                         (["sampler.sampling.num_steps=5"], "sampler.sampling.num_steps"),
+                         (["sampler.sampling.eta=0.5"], "sampler.sampling.eta"),
+                         (["sampler.sampling.step_kind=flow_sde", "sampler.sampling.sde_noise_level=0.7"],
+                          "sampler.sampling.step_kind")]:
+        with pytest.raises(ConfigError) as err:
+            load_config(TrainConfig, overrides=[*base, *extra])
+        assert err.value.field == field, (extra, str(err.value))

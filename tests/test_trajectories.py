@@ -180,3 +180,41 @@ def test_sampler_trajectory_options_are_validated():
     cfg = load_config(TrainConfig, overrides=["sampler.sampling.num_steps=2", "sampler.sampling.sigmas=[1.0, 0.4, 0.0]"])
     assert cfg.sampler.sampling.grid().tolist() == [1.0, 0.4, 0.0]
     assert cfg.sampler.sampling.kind() == "euler"
+
+
+@pytest.mark.parametrize("mode", ["sdpo", "all"])
+def test_samplers_score_the_planned_predictions_into_step_rewards(tiny_model, mode):
+    from diffrl.models.step_rewards import anchor_steps
+
+    model = FlowModel.from_pretrained(str(tiny_model), device="cpu")
+    cfg = SamplerConfig(k=K, groups_per_round=G, record_trajectory=True, paired=True, score_steps=mode,
+                        sampling=SamplingConfig(num_steps=STEPS, step_kind="eta"))
+    cfg.validate()
+    scorer = InProcessScorer()
+    with EmbeddedRedis() as redis:
+        sampler = Sampler("s0", cfg, model, scorer, ExperienceProducer(redis.client(), stream="exp"),
+                          PromptSource(train_prompts(), 0, 1))
+        sampler.run_round()
+        groups = [g for _, g in ExperienceConsumer(redis.client(), stream="exp").read(max_groups=10, block_ms=100)]
+    for g in groups:
+        preds = torch.stack([tensor_from_proto(s.trajectory.x0_preds) for s in g.samples])  # [K, S, C, H, W]
+        anchors = anchor_steps(preds)[0]
+        for i, s in enumerate(g.samples):
+            r = tensor_from_proto(s.trajectory.step_rewards["compressibility"])  # [S]
+            want = [0, int(anchors[i])] if mode == "sdpo" else list(range(STEPS - 1))
+            scored = sorted(set(want) - {STEPS - 1})
+            assert s.trajectory.anchor_step == (int(anchors[i]) if mode == "sdpo" else -1)
+            assert [j for j in range(STEPS) if not torch.isnan(r[j])] == sorted({*scored, STEPS - 1})
+            assert float(r[-1]) == pytest.approx(s.rewards["compressibility"])  # the last step is the sample
+            images = model.to_uint8(model.decode(preds[i, scored]))
+            direct, _ = scorer.scorer.score_batch(list(images), [g.prompt] * len(scored), [{}] * len(scored))
+            assert r[scored].tolist() == pytest.approx(list(direct), rel=1e-6)
+    batch = decode(groups, model.latent_shape, {"compressibility": 2.0}, "trajectory", version=0)
+    t = batch.trajectory
+    assert t.step_rewards.shape == (G, K, STEPS) and t.anchors.shape == (G, K)
+    r0 = tensor_from_proto(groups[0].samples[1].trajectory.step_rewards["compressibility"]).double()
+    assert torch.allclose(t.step_rewards[0, 1], 2.0 * r0, equal_nan=True)  # the trained weights apply
+    assert t.anchors[0, 1] == groups[0].samples[1].trajectory.anchor_step
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainConfig, overrides=["sampler.score_steps=sdpo"])
+    assert err.value.field == "sampler.record_trajectory"

@@ -56,6 +56,10 @@ class Trainable:
     grad_clip: float | None = None
     """Gradient-norm clip; None = ``learner.grad_clip`` (or, when that is None, the algorithm's
     ``default_grad_clip``)."""
+    steps_per_batch: int = 1
+    """Optimizer steps this role takes per learner step (each after ``backward_passes x chunks``
+    passes). 1 for most algorithms; SDPO takes one per shuffled time slot, as its public code does.
+    The policy version still counts learner steps."""
 
 
 @dataclass(frozen=True)
@@ -193,8 +197,8 @@ class Algorithm:
         for r in roles:
             if isinstance(r, EMA) and r.source not in trainable:
                 raise ValueError(f"{self.name}: EMA role {r.name!r} follows {r.source!r}, not a trainable role")
-            if isinstance(r, Trainable) and r.backward_passes < 1:
-                raise ValueError(f"{self.name}: role {r.name!r} needs backward_passes >= 1")
+            if isinstance(r, Trainable) and (r.backward_passes < 1 or r.steps_per_batch < 1):
+                raise ValueError(f"{self.name}: role {r.name!r} needs backward_passes >= 1 and steps_per_batch >= 1")
         samp = next((r for r in roles if r.name == self.sampler_role), None)
         if not isinstance(samp, EMA):
             raise TypeError(f"{self.name}: sampler_role {self.sampler_role!r} must name an EMA role")
