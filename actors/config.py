@@ -32,12 +32,12 @@ class SamplerConfig:
     """Storage dtype of the recorded states and x̂0 predictions: float32, or float16 (half the Redis
     bytes; log-probs and σ stay float32/float64)."""
     score_steps: str = "final"
-    """Which images the rewards score: final (each sample), sdpo (also each sample's predicted clean
+    """Which images the rewards score: final (each sample), anchor (also each sample's predicted clean
     state x̂0 at the first step and at SDPO's anchor step, the one least like the first and the last),
     all (also x̂0 at every step). The scores go into the trajectory record's step_rewards (needs
     record_trajectory); each adds a decode and a reward call per image."""
     anchor_center: bool = False
-    """With score_steps=sdpo: centre each x̂0 before the cosine similarities of the anchor rule (on
+    """With score_steps=anchor: centre each x̂0 before the cosine similarities of the anchor rule (on
     near-white images the raw cosine is dominated by the background)."""
     max_pending_groups: int = 32
     """Backpressure: a sampler waits while the stream holds more unconsumed groups than this."""

@@ -266,12 +266,12 @@ class Sampler:
 
     def step_plan(self, traj, n: int) -> tuple[list[list[int]], torch.Tensor | None]:
         """Per sample, the steps whose x̂0 is scored besides the sample (``sampler.score_steps``), and
-        SDPO's anchors ``[n]`` (None unless score_steps is sdpo)."""
+        SDPO's anchors ``[n]`` (None unless score_steps is anchor)."""
         mode = self.cfg.score_steps
         if mode == "final" or traj is None:
             return [[] for _ in range(n)], None
         S = traj.x0_preds.shape[1]
-        anchors = anchor_steps(traj.x0_preds, self.cfg.anchor_center)[0] if mode == "sdpo" else None
+        anchors = anchor_steps(traj.x0_preds, self.cfg.anchor_center)[0] if mode == "anchor" else None
         return steps_to_score(mode, anchors if anchors is not None else torch.zeros(n, dtype=torch.long), S), anchors
 
     def decode_steps(self, traj, plan: list[list[int]]) -> list[list[np.ndarray]]:

@@ -351,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     from diffrl.bench_bus import register as register_bench_bus
 
     register_bench_bus(bench)  # bench bus
+    from diffrl.bench_learner import register as register_bench_learner
+
+    register_bench_learner(bench)  # bench learner
 
     p = sub.add_parser("demo", help="a short CRD training on the embedded default (what `make demo` runs)",
                        description=f"Same as `diffrl train deploy/configs/shapes-cpu.yaml {' '.join(DEMO_OVERRIDES)} "

@@ -9,8 +9,8 @@ import torch
 
 Tensor = torch.Tensor
 
-SCORE_STEPS = ("final", "sdpo", "all")
-"""``final``: the sample only; ``sdpo``: also x̂0 at step 0 and at the anchor (the last step's x̂0 is
+SCORE_STEPS = ("final", "anchor", "all")
+"""``final``: the sample only; ``anchor``: also x̂0 at step 0 and at the anchor (the last step's x̂0 is
 the sample for the η-step into σ = 0); ``all``: every step's x̂0."""
 
 

@@ -161,7 +161,7 @@ def test_the_sdpo_recipe_shape_runs_on_a_tiny_sd3_with_t5(tiny_t5_model):
         "learner.dtype=float32", "learner.device=cpu", "learner.world_size=1", "learner.groups_per_step=2",
         "learner.torch_threads=1", "sampler.k=4", "sampler.groups_per_round=2", "sampler.num_samplers=1",
         "sampler.num_gpus=0", "placement.num_gpus=0", "learner.checkpoint_every=0"])
-    assert cfg.sampler.paired and cfg.sampler.score_steps == "sdpo" and cfg.learner.sdpo.step_rewards == "anchor"
+    assert cfg.sampler.paired and cfg.sampler.score_steps == "anchor" and cfg.learner.sdpo.step_rewards == "anchor"
     assert cfg.learner.lr == 5e-5 and cfg.learner.betas == [0.9, 0.999] and cfg.learner.weight_decay == 1e-4
     model = FlowModel.from_config(cfg.model)
     train, _ = cfg.data.load()

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from dashboards import dashboard_queries, metric_names
 
 from diffrl.learner.algorithms.sdpo import (
     anchor_steps,
@@ -90,7 +91,7 @@ def test_one_permutation_per_pair_moves_every_per_step_tensor_alike():
             assert torch.equal(moved_states[i, k], states[i, p[i, k]]) and moved_w[i, k] == w[i, p[i, k]]
 
 
-def sdpo_setup(tiny_model, mode="sdpo"):
+def sdpo_setup(tiny_model, mode="anchor"):
     from fakes import InProcessScorer
 
     from diffrl.actors.config import SamplerConfig
@@ -106,14 +107,14 @@ def sdpo_setup(tiny_model, mode="sdpo"):
                                 sampling=SamplingConfig(num_steps=4, step_kind="eta", eta=1.0))
     lcfg = LearnerConfig(algorithm="sdpo", groups_per_step=2, torch_threads=1, checkpoint_every=0, lr=1e-3,
                          device="cpu", dtype="float32", seed=0)
-    lcfg.sdpo = SDPOConfig(num_sampling_steps=4, step_rewards="anchor" if mode == "sdpo" else "all")
+    lcfg.sdpo = SDPOConfig(num_sampling_steps=4, step_rewards=mode)
     model = FlowModel.from_pretrained(str(tiny_model), device="cpu")
     make = lambda sink: Sampler("s0", sampler_cfg, model, InProcessScorer(), sink,
                                 PromptSource(train_prompts(), 0, 1))
     return sampler_cfg, lcfg, make
 
 
-@pytest.mark.parametrize("mode", ["sdpo", "all"])
+@pytest.mark.parametrize("mode", ["anchor", "all"])
 def test_two_sdpo_learner_steps_through_redis_with_paired_groups(tiny_model, mode):
     from prometheus_client import CollectorRegistry
 
@@ -145,6 +146,9 @@ def test_two_sdpo_learner_steps_through_redis_with_paired_groups(tiny_model, mod
             for j in range(4):
                 assert math.isfinite(stats[f"reward_step{j}"])
             assert registry.get_sample_value("diffrl_learner_sdpo_clamp_fraction") == stats["clamp_fraction"]
+    exported = {s.name for metric in registry.collect() for s in metric.samples}
+    panels = dashboard_queries("sdpo")  # the Grafana SDPO row: every series it reads is exported
+    assert panels and {n for expr in panels for n in metric_names(expr)} <= exported
     theta = learner.theta_state_dict()
     assert any(not torch.equal(theta0[k], theta[k]) for k in theta)
     samp = learner.snapshot_state_dict("p_samp")
@@ -156,7 +160,7 @@ def test_sdpo_recipe_checks_name_the_sampler_field(tiny_model):
     from diffrl.schema import TrainConfig
 
     base = ["learner.algorithm=sdpo", "sampler.record_trajectory=true", "sampler.paired=true",
-            "sampler.sampling.step_kind=eta", "sampler.sampling.num_steps=4", "sampler.score_steps=sdpo"]
+            "sampler.sampling.step_kind=eta", "sampler.sampling.num_steps=4", "sampler.score_steps=anchor"]
     load_config(TrainConfig, overrides=base)
     for extra, field in [(["sampler.paired=false"], "sampler.paired"),
                          (["sampler.score_steps=all"], "sampler.score_steps"),

@@ -182,7 +182,7 @@ def test_sampler_trajectory_options_are_validated():
     assert cfg.sampler.sampling.kind() == "euler"
 
 
-@pytest.mark.parametrize("mode", ["sdpo", "all"])
+@pytest.mark.parametrize("mode", ["anchor", "all"])
 def test_samplers_score_the_planned_predictions_into_step_rewards(tiny_model, mode):
     from diffrl.models.step_rewards import anchor_steps
 
@@ -201,9 +201,9 @@ def test_samplers_score_the_planned_predictions_into_step_rewards(tiny_model, mo
         anchors = anchor_steps(preds)[0]
         for i, s in enumerate(g.samples):
             r = tensor_from_proto(s.trajectory.step_rewards["compressibility"])  # [S]
-            want = [0, int(anchors[i])] if mode == "sdpo" else list(range(STEPS - 1))
+            want = [0, int(anchors[i])] if mode == "anchor" else list(range(STEPS - 1))
             scored = sorted(set(want) - {STEPS - 1})
-            assert s.trajectory.anchor_step == (int(anchors[i]) if mode == "sdpo" else -1)
+            assert s.trajectory.anchor_step == (int(anchors[i]) if mode == "anchor" else -1)
             assert [j for j in range(STEPS) if not torch.isnan(r[j])] == sorted({*scored, STEPS - 1})
             assert float(r[-1]) == pytest.approx(s.rewards["compressibility"])  # the last step is the sample
             images = model.to_uint8(model.decode(preds[i, scored]))
@@ -216,5 +216,5 @@ def test_samplers_score_the_planned_predictions_into_step_rewards(tiny_model, mo
     assert torch.allclose(t.step_rewards[0, 1], 2.0 * r0, equal_nan=True)  # the trained weights apply
     assert t.anchors[0, 1] == groups[0].samples[1].trajectory.anchor_step
     with pytest.raises(ConfigError) as err:
-        load_config(TrainConfig, overrides=["sampler.score_steps=sdpo"])
+        load_config(TrainConfig, overrides=["sampler.score_steps=anchor"])
     assert err.value.field == "sampler.record_trajectory"

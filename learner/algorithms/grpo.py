@@ -193,11 +193,13 @@ class GRPOConfig:
     reference's KL scale, per-dimension mean log-probs, and (learner settings) gradient clip 1.0 and AdamW
     (0.9, 0.999), weight decay 1e-4, eps 1e-8. This baseline's earlier behaviour stays reachable as options:
     ``kl_std="step"``, ``cfg_uncond_grad=True``, ``adv_std="group"``, ``skip_zero_adv=False``,
-    ``sigma_grid="uniform"`` (direct ``sample_sde`` callers only, see ``check_recipe``).
+    ``sigma_grid="uniform"`` (with samplers given that grid as ``sampling.sigmas``, e.g. a few-step
+    student's own grid; see ``check_recipe``).
 
     noise_level, num_sampling_steps, time_shift, guidance_scale and sigma_grid describe the sampling
     policy: they must equal what the samplers use (``sampling.sde_noise_level``, ``num_steps``, ``shift``,
-    ``guidance_scale``; the SDE sampler's grid is ``scheduler``), checked when a recipe loads and per group
+    ``guidance_scale``; the SDE sampler's grid is ``scheduler`` unless ``sampling.sigmas`` gives one),
+    checked when a recipe loads and per group
     against its records.
 
     Deviations from the reference that remain, each on purpose:
@@ -401,9 +403,11 @@ class GRPO(Algorithm):
     def check_recipe(cls, config: GRPOConfig, sampler) -> None:
         """The samplers record log-probs with the SDE and schedule that ``learner.grpo`` recomputes."""
         super().check_recipe(config, sampler)
-        require(config.sigma_grid == "scheduler", "learner.grpo.sigma_grid",
-                "'scheduler' (the samplers' SDE samples on the scheduler grid; 'uniform' is for direct "
-                "FlowModel.sample_sde(grid='uniform') callers)", config.sigma_grid)
+        theirs = sampler.sampling.grid()  # [S + 1]: sampling.sigmas, or the flow SDE's scheduler grid
+        if len(theirs) == config.num_sampling_steps + 1:  # (a step-count mismatch is reported below)
+            same = torch.allclose(theirs, config.sigmas(), rtol=0.0, atol=1e-6)
+            require(same, "learner.grpo.sigma_grid", "the grid the samplers sample on (sampler.sampling.sigmas, "
+                    "else diffusers' scheduler grid)", config.sigma_grid)
         s = sampler.sampling
         for field_name, have, want, learner_field in (
             ("sde_noise_level", s.sde_noise_level, config.noise_level, "noise_level"),

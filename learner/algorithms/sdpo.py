@@ -137,7 +137,7 @@ class SDPOConfig:
     """CFG scale of sampling and training (sample.guidance_scale 1.0, train.cfg False)."""
     step_rewards: str = "anchor"
     """How the per-step rewards are made: anchor (the public rule: x̂0 scored at the first step, the
-    anchor and the last, the others interpolated by cosine similarity; needs sampler.score_steps=sdpo)
+    anchor and the last, the others interpolated by cosine similarity; needs sampler.score_steps=anchor)
     or all (every x̂0 scored, nothing interpolated; sampler.score_steps=all)."""
     center_similarity: bool = False
     """Centre each x̂0 before the cosine similarities (= sampler.anchor_center; ours, an option)."""
@@ -209,9 +209,8 @@ class SDPO(Algorithm):
     def check_recipe(cls, config: SDPOConfig, sampler) -> None:
         super().check_recipe(config, sampler)
         s = sampler.sampling
-        mode = {"anchor": "sdpo", "all": "all"}[config.step_rewards]
-        require(sampler.score_steps == mode, "sampler.score_steps",
-                f"{mode!r} when learner.sdpo.step_rewards={config.step_rewards}", sampler.score_steps)
+        require(sampler.score_steps == config.step_rewards, "sampler.score_steps",
+                f"{config.step_rewards!r} like learner.sdpo.step_rewards", sampler.score_steps)
         require(not s.sigmas, "sampler.sampling.sigmas", "empty (SDPO trains on the uniform grid of "
                 "learner.sdpo.num_sampling_steps and time_shift)", s.sigmas)
         for field_name, have, want, mine in (("num_steps", s.num_steps, config.num_sampling_steps, "num_sampling_steps"),
