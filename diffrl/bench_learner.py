@@ -47,7 +47,7 @@ def bench_learner(recipe: str, overrides: list[str], steps: int = 3) -> dict:
     from diffrl.actors.sampler import Sampler
     from diffrl.config import load_config
     from diffrl.learner.learner import Learner
-    from diffrl.learner.ray_learner import load_learner_model
+    from diffrl.learner.ray_learner import load_learner_model, load_teacher
     from diffrl.models.adapter import FlowModel
     from diffrl.reward_servers.client import GroupScores
     from diffrl.reward_servers.scorers import get_scorer
@@ -84,8 +84,9 @@ def bench_learner(recipe: str, overrides: list[str], steps: int = 3) -> dict:
     G = cfg.learner.groups_per_step
     while len(sink.groups) < G * (steps + 1):
         sampler.run_round()
-    learner = Learner(replace(cfg.learner, reward_weights={reward.name: 1.0}), load_learner_model(cfg.learner, cfg.model),
-                      registry=CollectorRegistry())
+    model = load_learner_model(cfg.learner, cfg.model)
+    learner = Learner(replace(cfg.learner, reward_weights={reward.name: 1.0}), model, registry=CollectorRegistry(),
+                      teacher=load_teacher(cfg.learner, cfg.model, model.device, model.dtype))
     learner.train_on_groups(sink.groups[:G])  # warm-up
     times = []
     recorder = _Recorder()

@@ -27,8 +27,9 @@ role's trained tensors as safetensors at every checkpoint (gathered under ZeRO-3
 dtype), and export reads only safetensors. A checkpoint written before that has no
 ``theta.safetensors``: θ cannot be exported from it (p_samp can).
 
-``weights``: ``p_samp`` is the algorithm's sampler role, the model the samplers and the evaluations
-used (CRD with the decoupled sampler: p_samp; NFT, GRPO: p_old); ``theta`` the trainable role. Any
+``weights``: ``p_samp`` is the algorithm's evaluated role, the model the evaluations used: its sampler
+role (CRD with the decoupled sampler: p_samp; NFT, GRPO: p_old) unless it names another (TDM-R1: the
+EMA of its generator, ``gen_ema``); ``theta`` the trainable role. Any
 other role name with a file in the checkpoint (e.g. ``p_old``) is accepted by the functions here.
 """
 
@@ -180,9 +181,9 @@ class RunWeights:
 
 
 def _role_of(cfg, weights: str) -> str:
-    if weights == "p_samp":
+    if weights == "p_samp":  # the evaluated role: the sampler's (TDM-R1: the EMA of its generator)
         learner = cfg.learner
-        return learner.algorithm_class(learner.algorithm_config, learner).sampler_role
+        return learner.algorithm_class(learner.algorithm_config, learner).evaluated_role
     return weights
 
 
@@ -463,7 +464,8 @@ def register(sub) -> None:
     p.add_argument("--step", type=int, default=None, metavar="N", help="the checkpoint of learner step N "
                                                                        "(default: the latest)")
     p.add_argument("--weights", choices=WEIGHTS, default="p_samp",
-                   help="p_samp: the sampler's EMA snapshot, what the samplers and evaluations used (default); "
+                   help="p_samp: the snapshot the run evaluated, the sampler's unless the algorithm evaluates "
+                        "another (TDM-R1: the EMA of its generator) (default); "
                         "theta: the trained weights themselves")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (new or empty)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",

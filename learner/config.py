@@ -24,8 +24,8 @@ class LearnerConfig:
 
     algorithm: str = "crd"
     """Training algorithm, by its registered name: 'crd' (Centered Reward Distillation), 'nft'
-    (DiffusionNFT-style baseline) or 'grpo' (Flow-GRPO-style baseline; needs samplers with
-    record_trajectory). Each algorithm's options are the section of its name, learner.<name>
+    (DiffusionNFT-style baseline), 'grpo' (Flow-GRPO-style baseline; needs samplers with
+    record_trajectory), or for few-step students 'sdpo' and 'tdmr1'. Each algorithm's options are the section of its name, learner.<name>
     (docs/algorithms.md)."""
     groups_per_step: int = 8
     """G: prompt groups per optimizer step, over all ranks (each rank trains groups_per_step /
@@ -63,6 +63,10 @@ class LearnerConfig:
     (so their slow EMAs do not round away) and run under autocast."""
     dist_backend: str = "auto"
     """torch.distributed backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo."""
+    teacher: str = ""
+    """The teacher (a local diffusers folder or hub id) of algorithms whose roles start from it: a few-step
+    student's base, TDM-R1's real score, fake score and surrogate reward. Empty = the ``teacher`` its
+    student.json records (``diffrl distill`` writes it); unused by algorithms without such roles."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA adapters instead of a full fine-tune."""
     gradient_checkpointing: bool = False

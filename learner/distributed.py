@@ -67,6 +67,12 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + rank * 101 + 17) % (2**63 - 1)
 
 
+def shared_seed(seed: int, step: int) -> int:
+    """The seed of a step's generator shared by every rank (draws the ranks must agree on); unlike any
+    rank's ``step_seed`` of the same step (17 + 101·rank is never 7919)."""
+    return (seed * 1_000_003 + step * 10_007 + 7_919) % (2**63 - 1)
+
+
 class Collectives:
     """The learner's collectives over ``world_size`` ranks (no-ops on one rank)."""
 

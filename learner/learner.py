@@ -56,11 +56,13 @@ class StepRun:
     """The context of one learner step (the :class:`~diffrl.learner.algorithms.base.StepContext` an
     algorithm's ``step`` gets): networks by role, generator, chunks, backward and stat logging."""
 
-    def __init__(self, learner: Learner, generator: torch.Generator, chunks: list[Tensor]):
+    def __init__(self, learner: Learner, generator: torch.Generator, chunks: list[Tensor],
+                 shared_generator: torch.Generator):
         self._learner = learner
         self.model = learner.model
         self.device = learner.device
         self.generator = generator
+        self.shared_generator = shared_generator
         self.chunks = chunks
         self.world_size = learner.world_size
         self.stats = StatsAccumulator()
@@ -107,10 +109,12 @@ class Learner(StreamLoop, Checkpointing):
             are then acknowledged right after the step that used them).
         consumer: this rank's ``diffrl.proto.bus.ExperienceConsumer`` (see :meth:`connect_bus`).
         registry: Prometheus registry for the metrics (default: the global one).
+        teacher: the teacher's denoiser (``load_teacher``), for algorithms whose roles start from it
+            (TDM-R1); on the model's device and dtype, frozen.
     """
 
     def __init__(self, config: LearnerConfig, model, publisher=None, run_dir: str | Path | None = None,
-                 consumer=None, registry=None):
+                 consumer=None, registry=None, teacher: nn.Module | None = None):
         config.validate()
         self.config = config
         self.model = model
@@ -145,7 +149,7 @@ class Learner(StreamLoop, Checkpointing):
 
         torch.manual_seed(config.seed)  # identical LoRA init on every rank (DeepSpeed broadcasts θ anyway)
         self.nets = Networks(self.algorithm.roles(), model.transformer, config, self.deepspeed_config,
-                             lambda spec: spec.lr if spec.lr is not None else config.lr)
+                             lambda spec: spec.lr if spec.lr is not None else config.lr, teacher=teacher)
 
         self.step = 0
         """Optimizer steps taken = version of the latest p_samp."""
@@ -206,6 +210,11 @@ class Learner(StreamLoop, Checkpointing):
     def p_samp(self) -> nn.Module:
         """The module published to the samplers (the algorithm's sampler role)."""
         return self.nets.snapshots[self.algorithm.sampler_role].module
+
+    @property
+    def p_eval(self) -> nn.Module:
+        """The module evaluated on held-out prompts (the algorithm's eval role, else p_samp)."""
+        return self.nets.snapshots[self.algorithm.evaluated_role].module
 
     @property
     def p_old(self) -> nn.Module | None:
@@ -281,7 +290,8 @@ class Learner(StreamLoop, Checkpointing):
         if len(chunks) != self.num_chunks:
             raise RuntimeError("empty micro-chunk")
         gen = torch.Generator().manual_seed(distributed.step_seed(self.config.seed, self.step, self.rank))
-        return StepRun(self, gen, chunks)
+        shared = torch.Generator().manual_seed(distributed.shared_seed(self.config.seed, self.step))
+        return StepRun(self, gen, chunks, shared)
 
     # ================================================================ one step
     def train_on_groups(self, groups: Sequence[Group]) -> dict[str, Any]:

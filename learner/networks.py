@@ -1,9 +1,11 @@
 """The networks of an algorithm's roles on one learner rank.
 
-Every trainable role is a copy of the base denoiser (full fine-tune) or the base plus LoRA adapters,
-owned by its own DeepSpeed engine (ZeRO 0-3, gradient clipping, bf16 with fp32 master weights) and
-AdamW optimizer. Every EMA role is a frozen fp32 copy of its source's structure whose trained tensors
-are blended towards the source after each optimizer step. The frozen role is the base model itself.
+Every trainable role is a copy of the loaded denoiser (full fine-tune) or that denoiser plus LoRA
+adapters, owned by its own DeepSpeed engine (ZeRO 0-3, gradient clipping, bf16 with fp32 master weights)
+and AdamW optimizer; a role declared to start from the teacher (a few-step student's base, TDM-R1's fake
+score and surrogate) copies the teacher's denoiser instead. Every EMA role is a frozen fp32 copy of its
+source's structure whose trained tensors are blended towards the source after each optimizer step. A
+frozen role is the loaded denoiser or the teacher's itself.
 With LoRA every module shares the frozen base weights (one copy in memory; under ZeRO-3 a trainable
 role gets its own copy because ZeRO-3 partitions every parameter of the engine's module), and the
 snapshots differ only in their adapter tensors.
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffrl.learner.algorithms.base import EMA, Frozen, Role, Trainable
+from diffrl.learner.algorithms.base import EMA, Frozen, Role, Trainable, start_of
 from diffrl.learner.ema import ema_update_
 
 Tensor = torch.Tensor
@@ -125,25 +127,35 @@ class Snapshot:
 class Networks:
     """Builds and holds the roles' networks (in the order the algorithm declares them)."""
 
-    def __init__(self, roles: list[Role], base: nn.Module, config, deepspeed_config, lr_of):
+    def __init__(self, roles: list[Role], base: nn.Module, config, deepspeed_config, lr_of,
+                 teacher: nn.Module | None = None):
         """``base``: the loaded denoiser (frozen); ``deepspeed_config(spec)``: the engine config of a
-        trainable role; ``lr_of(spec)``: its learning rate."""
+        trainable role; ``lr_of(spec)``: its learning rate; ``teacher``: the teacher's denoiser (frozen),
+        for roles that start from it (``init``/``weights`` = ``teacher``)."""
         self.config = config
         self.lora = config.lora.enabled
         self.base = base
         self.base.requires_grad_(False).eval()
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.requires_grad_(False).eval()
+        wanting = [r.name for r in roles if start_of(r) == "teacher"]
+        if wanting and teacher is None:
+            raise ValueError(f"roles {wanting} start from the teacher, but no teacher was loaded (learner.teacher)")
+        init_of = {r.name: start_of(r) for r in roles}
         self.trained: dict[str, TrainedNet] = {}
         self.snapshots: dict[str, Snapshot] = {}
         self.frozen: dict[str, nn.Module] = {}
         for spec in roles:
             if isinstance(spec, Trainable):
+                module = self._trainable_module(self._start(spec.init))
                 self.trained[spec.name] = TrainedNet(
-                    spec, self._engine(self._trainable_module(), deepspeed_config(spec), lr_of(spec)),
-                    config.zero_stage == 3)
+                    spec, self._engine(module, deepspeed_config(spec), lr_of(spec), spec.betas), config.zero_stage == 3)
             elif isinstance(spec, EMA):
-                self.snapshots[spec.name] = Snapshot(spec, self._snapshot_module(), self.trained[spec.source])
+                start = self._start(init_of[spec.source])
+                self.snapshots[spec.name] = Snapshot(spec, self._snapshot_module(start), self.trained[spec.source])
             elif isinstance(spec, Frozen):
-                self.frozen[spec.name] = base
+                self.frozen[spec.name] = self._start(spec.weights)
         self.blend({name: 0.0 for name in self.snapshots})  # exact copies of their sources
 
     # ------------------------------------------------------------ construction
@@ -152,42 +164,47 @@ class Networks:
 
         return inject_lora(module, self.config.lora)
 
-    def _trainable_module(self) -> nn.Module:
+    def _start(self, init: str) -> nn.Module:
+        """The frozen denoiser a role starts from (``model``: the loaded one, ``teacher``)."""
+        return self.teacher if init == "teacher" else self.base
+
+    def _trainable_module(self, start: nn.Module) -> nn.Module:
         if self.lora:
-            base = copy.deepcopy(self.base) if self.config.zero_stage == 3 else shared_copy(self.base)
+            base = copy.deepcopy(start) if self.config.zero_stage == 3 else shared_copy(start)
             module = self._inject_lora(base)
             for n, p in module.named_parameters():
                 p.requires_grad_(".lora_" in n)
         else:
-            module = copy.deepcopy(self.base)
+            module = copy.deepcopy(start)
             module.requires_grad_(True)
         module.train()
         if self.config.gradient_checkpointing:
             module.enable_gradient_checkpointing()
         return module
 
-    def _engine(self, module: nn.Module, ds_config: dict[str, Any], lr: float):
+    def _engine(self, module: nn.Module, ds_config: dict[str, Any], lr: float, betas: tuple[float, float] | None):
         import deepspeed
 
         cfg = self.config
         params = [p for p in module.parameters() if p.requires_grad]
         # A client torch AdamW: no native op to compile (FusedAdam/CPUAdam) on CPU machines.
-        optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.adam_eps,
+        optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(betas or cfg.betas), eps=cfg.adam_eps,
                                       weight_decay=cfg.weight_decay)
         engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config,
                                                lr_scheduler=warmup_scheduler(optimizer, cfg.lr_warmup_steps))
         return engine
 
-    def _snapshot_module(self) -> nn.Module:
-        """A frozen fp32 copy of a trainable role's structure (LoRA: sharing the base weights)."""
+    def _snapshot_module(self, start: nn.Module) -> nn.Module:
+        """A frozen fp32 copy of a trainable role's structure (LoRA: sharing the base weights of the
+        denoiser the role started from)."""
         if self.lora:
-            snap = self._inject_lora(shared_copy(self.base))
+            snap = self._inject_lora(shared_copy(start))
             for n, p in snap.named_parameters():
                 p.requires_grad_(False)
                 if ".lora_" in n:
                     p.data = p.data.to(torch.float32)  # adapters only: the base is shared
         else:
-            snap = copy.deepcopy(self.base).to(torch.float32)
+            snap = copy.deepcopy(start).to(torch.float32)
             snap.requires_grad_(False)
         return snap.eval()
 

@@ -73,6 +73,41 @@ def load_learner_model(learner: LearnerConfig, model: ModelConfig):
                                      max_sequence_length=model.max_sequence_length, resolution=model.resolution)
 
 
+def teacher_path(learner: LearnerConfig, model: ModelConfig) -> str:
+    """``learner.teacher``, else the teacher the student's student.json records (a relative path is
+    taken from the working directory, else from the student's folder)."""
+    from pathlib import Path
+
+    from diffrl.config import ConfigError
+    from diffrl.models.distill import read_student
+
+    if learner.teacher:
+        return learner.teacher
+    info = read_student(model.path) or {}
+    found = info.get("teacher")
+    if not found:
+        raise ConfigError(f"learner.teacher: learner.algorithm={learner.algorithm} starts roles from a teacher, and "
+                          f"model.path={model.path} has no student.json naming one; set learner.teacher")
+    if not Path(found).is_absolute() and not Path(found).exists() and (Path(model.path) / found).exists():
+        return str(Path(model.path) / found)
+    return found
+
+
+def load_teacher(learner: LearnerConfig, model: ModelConfig, device, dtype):
+    """The teacher's denoiser (frozen, on ``device`` in ``dtype``) when the algorithm's roles start
+    from it, else None."""
+    algorithm = learner.algorithm_class(learner.algorithm_config, learner)
+    if not algorithm.needs_teacher():
+        return None
+    import torch
+
+    from diffrl.models.adapter import load_pipeline
+
+    pipe = load_pipeline(teacher_path(learner, model), dtype=torch.float32, with_t5=False)
+    net = pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
+    return net.to(device, dtype).requires_grad_(False).eval()
+
+
 class LearnerActor:
     def __init__(self, spec_yaml: str):
         self.spec = spec = load_config_text(LearnerSpec, spec_yaml)
@@ -92,7 +127,8 @@ class LearnerActor:
             from diffrl.proto.weight_sync import RayWeightChannel
 
             publisher = RayWeightChannel(spec.weights_channel)
-        self.learner = Learner(spec.learner, self.model, publisher=publisher, run_dir=spec.run_dir)
+        teacher = load_teacher(spec.learner, spec.model, self.model.device, self.model.dtype)
+        self.learner = Learner(spec.learner, self.model, publisher=publisher, run_dir=spec.run_dir, teacher=teacher)
         self.learner.connect_bus(connect(spec.redis_url), spec.stream, spec.consumer_group, retry=spec.bus_retry)
         self.resumed_step = self.learner.resume(spec.run_dir) if spec.resume else None
         if self.resumed_step:
@@ -121,7 +157,8 @@ class LearnerActor:
                 return None
 
     def evaluate(self, grid_path: str | None = None) -> dict[str, float]:
-        """Held-out rewards of p_samp (what the samplers use) with the fixed eval seeds, scored by the run's
+        """Held-out rewards of the evaluated role (p_samp, what the samplers use, unless the algorithm names
+        another: TDM-R1's EMA of G) with the fixed eval seeds, scored by the run's
         reward servers; also set as the ``diffrl_learner_eval_*`` gauges of this process's /metrics."""
         from diffrl.evaluation import evaluate
         from diffrl.monitoring import EvalMetrics
@@ -131,7 +168,7 @@ class LearnerActor:
             self._reward_client = SyncRewardClient(self.spec.rewards)
         names = [r.name for r in self.spec.rewards.rewards]
         metrics = evaluate(self.model, self.spec.eval, self.spec.eval_prompts, self._reward_client, names,
-                           transformer=self.learner.p_samp, grid_path=grid_path)
+                           transformer=self.learner.p_eval, grid_path=grid_path)
         EvalMetrics.for_registry().observe(metrics, step=self.learner.step)
         return metrics
 

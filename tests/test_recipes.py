@@ -179,3 +179,52 @@ def test_the_sdpo_recipe_shape_runs_on_a_tiny_sd3_with_t5(tiny_t5_model):
     assert torch.isfinite(torch.tensor(stats["loss"])) and learner.engine.global_steps == 3
     lora = learner.theta_state_dict()
     assert any(not torch.equal(lora0[k], lora[k]) for k in lora)
+
+
+@pytest.mark.parametrize("recipe", ["sd35m-tdmr1-ocr.yaml", "sd35m-tdmr1-geneval.yaml"])
+def test_the_tdmr1_recipe_shapes_run_on_a_tiny_sd3_with_t5(tiny_t5_model, recipe):
+    """The TDM-R1 SD3 recipes follow the official configs (config/tdmr1_clean.py) and run on a tiny SD3 with
+    T5: deterministic float16 trajectories, then one learner step of the three LoRAs (G on the student,
+    fake score and surrogate on the teacher), each with its own optimizer settings."""
+    from diffrl.learner.ray_learner import load_teacher
+
+    cfg = load_recipe(CONFIGS / recipe, [
+        f"model.path={tiny_t5_model}", "model.resolution=16", "model.dtype=float32", "model.device=cpu",
+        "learner.dtype=float32", "learner.device=cpu", "learner.world_size=1", "learner.groups_per_step=2",
+        "learner.torch_threads=1", "sampler.k=4", "sampler.groups_per_round=2", "sampler.num_samplers=1",
+        "sampler.num_gpus=0", "placement.num_gpus=0", "learner.checkpoint_every=0",
+        f"learner.teacher={tiny_t5_model}"])
+    c = cfg.learner.tdmr1
+    ocr = "ocr" in recipe
+    assert (c.rl_cfg, c.t_min_reward, c.t_min_surrogate, c.beta_dpo) == ((4.5, 0.3, 0.3, 10.0) if ocr else
+                                                                         (2.5, 0.25, 0.55, 1.0))
+    assert (c.train_steps, c.trunc_steps, c.lr_generator, c.lr_fake, c.lr_surrogate) == (2, 4, 7.5e-5, 3e-4, 3e-4)
+    assert cfg.learner.lora.enabled and (cfg.learner.lora.rank, cfg.learner.lora.alpha) == (32, 64)
+    model = FlowModel.from_config(cfg.model)
+    train, _ = cfg.data.load()
+    sink = ListSink()
+    scorer = FakeOcr() if ocr else FakeDetector()
+    sampler = Sampler("s0", cfg.sampler, model, scorer, sink, PromptSource(train.items, seed=cfg.sampler.seed),
+                      lora=cfg.learner.lora)
+    assert sampler.run_round().groups == 2
+    assert sink.groups[0].samples[0].trajectory.states.dtype == "float16"
+    lmodel = load_learner_model(cfg.learner, cfg.model)
+    reward = "ocr" if ocr else "detector"
+    learner = Learner(replace(cfg.learner, reward_weights={reward: 1.0}), lmodel, registry=CollectorRegistry(),
+                      teacher=load_teacher(cfg.learner, cfg.model, lmodel.device, lmodel.dtype))
+    assert all(learner.group_problem(g) is None for g in sink.groups)
+    before = {r: learner.theta_state_dict(r) for r in ("theta", "fake", "surrogate")}
+    stats = learner.train_on_groups(sink.groups)
+    assert torch.isfinite(torch.tensor([stats["fake_loss"], stats["surrogate_loss"], stats["loss"]])).all()
+    for role, betas in (("theta", (0.0, 0.999)), ("fake", (0.0, 0.999)), ("surrogate", (0.9, 0.999))):
+        after = learner.theta_state_dict(role)
+        assert after and all(".lora_" in n for n in after)
+        assert any(not torch.equal(before[role][n], after[n]) for n in after), role
+        assert learner.nets.trained[role].engine.optimizer.param_groups[0]["betas"] == betas
+
+
+class FakeDetector:
+    """Stands in for the detector servers: scores images by brightness, so the group's rewards differ."""
+
+    def score_groups(self, groups):
+        return [GroupScores(scores={"detector": [float(im.mean()) / 255 for im in g.images]}) for g in groups]

@@ -10,9 +10,10 @@ What an algorithm declares:
     * ``name`` and ``config_class``: the recipe selects it with ``learner.algorithm: <name>`` and sets
       its options under ``learner.<name>`` (validated like every other section);
     * ``roles()``: the networks it needs, by name: :class:`Trainable` (an engine with its optimizer,
-      started from the base denoiser), :class:`EMA` (a no-grad snapshot blended towards a trainable
-      role after every optimizer step) and :class:`Frozen` (the loaded base model); and
-      ``sampler_role``, the EMA role published to the samplers;
+      started from the loaded denoiser or the teacher's), :class:`EMA` (a no-grad snapshot blended
+      towards a trainable role after every optimizer step) and :class:`Frozen` (the loaded denoiser or
+      the teacher's); ``sampler_role``, the EMA role published to the samplers, and ``eval_role``,
+      the one evaluated and exported (default: the sampler role);
     * ``record``: what each sample must carry, ``"final"`` (the final latent) or ``"trajectory"``
       (also the sampler's trajectory record, proto ``Trajectory``), and with it ``trajectory_needs``
       (the step kinds it trains on, whether it needs pairs), checked when a recipe loads
@@ -60,6 +61,12 @@ class Trainable:
     """Optimizer steps this role takes per learner step (each after ``backward_passes x chunks``
     passes). 1 for most algorithms; SDPO takes one per shuffled time slot, as its public code does.
     The policy version still counts learner steps."""
+    betas: tuple[float, float] | None = None
+    """AdamW (beta1, beta2); None = ``learner.betas`` (TDM-R1's generator and fake score use beta1 0)."""
+    init: str = "model"
+    """Where its weights start: ``model`` (the loaded model's denoiser, the policy) or ``teacher``
+    (``learner.teacher``'s denoiser: TDM-R1's fake score and surrogate reward start from the base the
+    student was distilled from)."""
 
 
 @dataclass(frozen=True)
@@ -75,9 +82,20 @@ class EMA:
 
 @dataclass(frozen=True)
 class Frozen:
-    """The loaded base model's denoiser, frozen (a KL anchor or reference)."""
+    """A frozen denoiser (a KL anchor or reference): the loaded model's, or the teacher's."""
 
     name: str
+    weights: str = "model"
+    """``model`` (the loaded model's denoiser) or ``teacher`` (``learner.teacher``'s: a few-step
+    student's real score)."""
+
+
+INITS = ("model", "teacher")
+
+
+def start_of(role: Trainable | EMA | Frozen) -> str:
+    """Which weights a role starts from: ``model`` or ``teacher`` (an EMA role: its source's)."""
+    return role.init if isinstance(role, Trainable) else role.weights if isinstance(role, Frozen) else "model"
 
 
 Role = Trainable | EMA | Frozen
@@ -99,6 +117,9 @@ class StepContext(Protocol):
     device: torch.device
     generator: torch.Generator
     """CPU generator seeded from (learner.seed, version, rank): this step's randomness."""
+    shared_generator: torch.Generator
+    """CPU generator seeded from (learner.seed, version) alone: draws every rank must agree on (which
+    steps or noise levels a step trains)."""
     chunks: list[Tensor]
     """Micro-chunks of this rank's groups: group indices ``[g]`` per forward/backward pass."""
     world_size: int
@@ -146,6 +167,9 @@ class Algorithm:
     trajectory_needs: ClassVar[TrajectoryNeeds] = TrajectoryNeeds()
     """With ``record = "trajectory"``: the step kinds it trains on and whether it needs pairs."""
     sampler_role: str = "p_samp"
+    eval_role: str | None = None
+    """The EMA role the learner evaluates and ``diffrl export`` writes by default; None = the sampler
+    role (TDM-R1 evaluates an EMA of its generator while the samplers use the generator itself)."""
     default_grad_clip: float = 1.0
     gauges: ClassVar[dict[str, tuple[str, str]]] = {}
     """Step stat -> (Prometheus gauge name, help) of the algorithm's own metrics."""
@@ -158,6 +182,15 @@ class Algorithm:
 
     def roles(self) -> list[Role]:
         raise NotImplementedError
+
+    @property
+    def evaluated_role(self) -> str:
+        """The role evaluations and exports use (``eval_role``, else the sampler role)."""
+        return self.eval_role or self.sampler_role
+
+    def needs_teacher(self) -> bool:
+        """Whether a role starts from ``learner.teacher``'s denoiser."""
+        return any(start_of(r) == "teacher" for r in self.roles())
 
     def step(self, batch: Any, ctx: StepContext) -> StepResult:
         raise NotImplementedError
@@ -199,9 +232,11 @@ class Algorithm:
                 raise ValueError(f"{self.name}: EMA role {r.name!r} follows {r.source!r}, not a trainable role")
             if isinstance(r, Trainable) and (r.backward_passes < 1 or r.steps_per_batch < 1):
                 raise ValueError(f"{self.name}: role {r.name!r} needs backward_passes >= 1 and steps_per_batch >= 1")
-        samp = next((r for r in roles if r.name == self.sampler_role), None)
-        if not isinstance(samp, EMA):
-            raise TypeError(f"{self.name}: sampler_role {self.sampler_role!r} must name an EMA role")
+            if start_of(r) not in INITS:
+                raise ValueError(f"{self.name}: role {r.name!r} starts from one of {INITS}")
+        for what, role in (("sampler_role", self.sampler_role), ("eval_role", self.evaluated_role)):
+            if not isinstance(next((r for r in roles if r.name == role), None), EMA):
+                raise TypeError(f"{self.name}: {what} {role!r} must name an EMA role")
         if self.record not in RECORDS:
             raise ValueError(f"{self.name}: record must be one of {RECORDS}, got {self.record!r}")
 
