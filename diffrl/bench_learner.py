@@ -17,9 +17,10 @@ import torch
 
 
 class _Recorder:
-    """Forward pre-hook on the trained denoiser: the inputs and grad mode of every call."""
+    """Forward pre-hook on one denoiser: the inputs and grad mode of every call."""
 
-    def __init__(self):
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
         self.calls: list[tuple[tuple, dict, bool]] = []
 
     def __call__(self, module, args, kwargs):
@@ -28,16 +29,28 @@ class _Recorder:
                            torch.is_grad_enabled()))
 
 
-def _replay(module: torch.nn.Module, calls) -> float:
+def _replay(recorders: list[_Recorder]) -> float:
     """Seconds of the recorded calls, bare: forward, and backward of the output's sum for grad calls."""
     start = time.perf_counter()
-    for args, kwargs, grad in calls:
-        with torch.set_grad_enabled(grad):
-            out = module(*args, **kwargs)
-            out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
-            if grad:
-                out.float().sum().backward()
+    for rec in recorders:
+        for args, kwargs, grad in rec.calls:
+            with torch.set_grad_enabled(grad):
+                out = rec.module(*args, **kwargs)
+                out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
+                if grad:
+                    out.float().sum().backward()
     return time.perf_counter() - start
+
+
+def _role_modules(learner) -> list[torch.nn.Module]:
+    """Every distinct denoiser the algorithm's roles run (trained, snapshots, frozen)."""
+    nets, seen, out = learner.nets, set(), []
+    for module in [*(t.engine.module for t in nets.trained.values()), *(s.module for s in nets.snapshots.values()),
+                   *nets.frozen.values()]:
+        if id(module) not in seen:
+            seen.add(id(module))
+            out.append(module)
+    return out
 
 
 def bench_learner(recipe: str, overrides: list[str], steps: int = 3) -> dict:
@@ -89,24 +102,24 @@ def bench_learner(recipe: str, overrides: list[str], steps: int = 3) -> dict:
                       teacher=load_teacher(cfg.learner, cfg.model, model.device, model.dtype))
     learner.train_on_groups(sink.groups[:G])  # warm-up
     times = []
-    recorder = _Recorder()
-    module = learner._main.engine.module  # the trained denoiser (the first trainable role)
+    recorders = [_Recorder(m) for m in _role_modules(learner)]
     for s in range(1, steps + 1):
         groups = sink.groups[s * G:(s + 1) * G]
         for g in groups:
             g.policy_version = learner.step
-        handle = module.register_forward_pre_hook(recorder, with_kwargs=True) if s == steps else None
+        handles = [r.module.register_forward_pre_hook(r, with_kwargs=True) for r in recorders] if s == steps else []
         t0 = time.perf_counter()
         learner.train_on_groups(groups)
         times.append(time.perf_counter() - t0)
-        if handle is not None:
-            handle.remove()
-    bound = _replay(module, recorder.calls)
-    grad_calls = sum(1 for *_, grad in recorder.calls if grad)
+        for h in handles:
+            h.remove()
+    bound = _replay(recorders)
+    calls = [c for r in recorders for c in r.calls]
+    grad_calls = sum(1 for *_, grad in calls if grad)
     return {"recipe": recipe, "algorithm": cfg.learner.algorithm, "machine": f"{platform.machine()}, "
             f"{torch.get_num_threads()} torch threads", "groups_per_step": G, "k": cfg.sampler.k,
             "step_seconds": [round(t, 3) for t in times], "step_seconds_last": round(times[-1], 3),
-            "denoiser_calls": len(recorder.calls), "calls_with_grad": grad_calls,
+            "denoiser_calls": len(calls), "calls_with_grad": grad_calls,
             "bound_seconds": round(bound, 3), "bound_over_step": round(bound / times[-1], 3)}
 
 
