@@ -56,6 +56,21 @@ class GroupSink(Protocol):
     def backlog(self) -> int: ...
 
 
+class ListSink:
+    """A GroupSink that keeps the published groups in a list and has no backlog (in-process use:
+    ``diffrl bench learner``, tests)."""
+
+    def __init__(self):
+        self.groups: list[experience_pb2.Group] = []
+
+    def publish(self, group: experience_pb2.Group) -> str:
+        self.groups.append(group)
+        return str(len(self.groups))
+
+    def backlog(self) -> int:
+        return 0
+
+
 @dataclass
 class RoundResult:
     groups: int = 0

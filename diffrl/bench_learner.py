@@ -57,7 +57,7 @@ def bench_learner(recipe: str, overrides: list[str], steps: int = 3) -> dict:
     from prometheus_client import CollectorRegistry
 
     from diffrl.actors.prompts import PromptSource
-    from diffrl.actors.sampler import Sampler
+    from diffrl.actors.sampler import ListSink, Sampler
     from diffrl.config import load_config
     from diffrl.learner.learner import Learner
     from diffrl.learner.ray_learner import load_learner_model, load_teacher
@@ -79,19 +79,8 @@ def bench_learner(recipe: str, overrides: list[str], steps: int = 3) -> dict:
                 out.append(GroupScores(scores={reward.name: list(scores)}, combined=list(scores)))
             return out
 
-    class Sink:
-        def __init__(self):
-            self.groups = []
-
-        def publish(self, group):
-            self.groups.append(group)
-            return str(len(self.groups))
-
-        def backlog(self) -> int:
-            return 0
-
     train, _ = cfg.data.load()
-    sink = Sink()
+    sink = ListSink()
     sampler = Sampler("bench", cfg.sampler, FlowModel.from_config(cfg.model), InProcess(), sink,
                       PromptSource(train.items, seed=0))
     G = cfg.learner.groups_per_step
