@@ -25,7 +25,8 @@ class LearnerConfig:
     algorithm: str = "crd"
     """Training algorithm, by its registered name: 'crd' (Centered Reward Distillation), 'nft'
     (DiffusionNFT-style baseline), 'grpo' (Flow-GRPO-style baseline; needs samplers with
-    record_trajectory), or for few-step students 'sdpo' and 'tdmr1'. Each algorithm's options are the section of its name, learner.<name>
+    record_trajectory), for few-step students 'sdpo' and 'tdmr1', for one-step students 'didr'. Each algorithm's
+    options are the section of its name, learner.<name>
     (docs/algorithms.md)."""
     groups_per_step: int = 8
     """G: prompt groups per optimizer step, over all ranks (each rank trains groups_per_step /

@@ -480,6 +480,11 @@ class FlowModel:
     @torch.no_grad()
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """x0 (latents, or pixels in [-1, 1] for a VAE-less model) -> images [B, 3, H, W] in [0, 1]."""
+        return self.decode_differentiable(x0)
+
+    def decode_differentiable(self, x0: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode` inside the autograd graph (DIDR differentiates a reward of the image with
+        respect to the latent, through the VAE decoder)."""
         if self.vae is None:
             images = x0.float()
         else:

@@ -104,7 +104,7 @@ def test_no_code_outside_the_registry_compares_algorithm_names():
                        capture_output=True, text=True)
     assert r.stdout == "", r.stdout
     names = sorted(base.registry())
-    assert names == ["crd", "grpo", "nft", "sdpo", "tdmr1"]
+    assert names == ["crd", "didr", "grpo", "nft", "sdpo", "tdmr1"]
     alt = "|".join(names)
     pattern = re.compile(rf"""==\s*["']({alt})["']|["']({alt})["']\s*==""")
     for path in [*REPO.glob("learner/*.py"), *REPO.glob("diffrl/*.py"), *REPO.glob("actors/*.py")]:

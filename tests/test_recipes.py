@@ -223,6 +223,68 @@ def test_the_tdmr1_recipe_shapes_run_on_a_tiny_sd3_with_t5(tiny_t5_model, recipe
         assert learner.nets.trained[role].engine.optimizer.param_groups[0]["betas"] == betas
 
 
+def tiny_latent_sd3(root: Path) -> Path:
+    """A tiny SD3 with T5 in a tiny VAE's latent space (16 px images, 4 x 8 x 8 latents)."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    pipe = build_tiny_sd3(TinySD3Arch(image_size=8, patch_size=2, num_layers=1, num_heads=2, head_dim=8,
+                                      text_hidden=16, text_projection=8, t5_layers=1), root / "w")
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                        caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=4)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=4, shift_factor=0.1, scaling_factor=1.5)
+    parts = {k: getattr(pipe, k) for k in ("scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                                           "text_encoder_3", "tokenizer_3")}
+    StableDiffusion3Pipeline(transformer=transformer, vae=vae, **parts).save_pretrained(str(root / "m"))
+    return root / "m"
+
+
+def test_the_didr_recipe_shape_runs_on_a_tiny_sd3_with_a_tiny_differentiable_reward(tmp_path):
+    """The DIDR SD3 recipe (DMD2's SDXL values, LoRAs) runs one learner step on a tiny latent SD3 with T5
+    and a tiny TorchScript reward given by path: the proxy's gradient passes through the VAE decode (the
+    reward term is non-zero) and both LoRAs (generator, fake score) move."""
+    from diffrl.learner.ray_learner import load_teacher
+
+    class Warm(torch.nn.Module):  # differentiable in the image, reads the prompts
+        def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+            return (images[:, 0] - images[:, 2]).mean(dim=(1, 2)) + 0.01 * float(len(prompts))
+
+    reward = tmp_path / "warm.pt"
+    torch.jit.save(torch.jit.script(Warm()), str(reward))
+    tiny = tiny_latent_sd3(tmp_path)
+    cfg = load_recipe(CONFIGS / "sd35m-didr.yaml", [
+        f"model.path={tiny}", "model.resolution=16", "model.dtype=float32", "model.device=cpu",
+        "learner.dtype=float32", "learner.device=cpu", "learner.world_size=1", "learner.groups_per_step=2",
+        "learner.torch_threads=1", "sampler.k=4", "sampler.groups_per_round=2", "sampler.num_samplers=1",
+        "sampler.num_gpus=0", "placement.num_gpus=0", "learner.checkpoint_every=0",
+        f"learner.teacher={tiny}", f"learner.didr.reward_model={reward}", "learner.didr.fake_updates=2",
+        "learner.didr.lr_generator=1e-3", "learner.didr.lr_fake=1e-3"])
+    c = cfg.learner.didr
+    assert (c.real_guidance, c.shift, c.t_min, c.t_max, c.fake_target) == (4.5, 3.0, 0.02, 0.98, "eps")
+    assert cfg.learner.lora.enabled and cfg.learner.weight_decay == 1e-2 and cfg.learner.grad_clip == 10.0
+    model = FlowModel.from_config(cfg.model)
+    assert model.vae is not None and model.latent_shape == (4, 8, 8)
+    train, _ = cfg.data.load()
+    sink = ListSink()
+    sampler = Sampler("s0", cfg.sampler, model, FakeDetector(), sink, PromptSource(train.items, seed=cfg.sampler.seed),
+                      lora=cfg.learner.lora)
+    assert sampler.run_round().groups == 2
+    lmodel = load_learner_model(cfg.learner, cfg.model)
+    learner = Learner(replace(cfg.learner, reward_weights={"detector": 1.0}), lmodel, registry=CollectorRegistry(),
+                      teacher=load_teacher(cfg.learner, cfg.model, lmodel.device, lmodel.dtype))
+    assert all(learner.group_problem(g) is None for g in sink.groups)
+    before = {r: learner.theta_state_dict(r) for r in ("theta", "fake")}
+    stats = learner.train_on_groups(sink.groups)
+    assert stats["reward_norm"] > 0 and torch.isfinite(torch.tensor([stats["fake_loss"], stats["loss"]])).all()
+    assert stats["regeneration_gap"] < 1e-3  # the learner's g(z) from the seeds is the samplers' sample
+    for role in ("theta", "fake"):
+        after = learner.theta_state_dict(role)
+        assert after and all(".lora_" in n for n in after)
+        assert any(not torch.equal(before[role][n], after[n]) for n in after), role
+
+
 class FakeDetector:
     """Stands in for the detector servers: scores images by brightness, so the group's rewards differ."""
 
