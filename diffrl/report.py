@@ -21,8 +21,8 @@ Conventions of the figures and tables:
   pass threshold); they are drawn (mean ± sem) and tabled for every run that logged them. The shapes
   world's keys (``strict``, per-clause accuracy, image metrics) are drawn and tabled only when a run
   logged them;
-- target: ``--target 0.35`` (absolute) or ``--target +0.10`` (added to the first run's base value; the
-  default) of ``--target-metric`` (default ``strict``, the shapes world's strict accuracy; any held-out
+- target: ``--target 0.35`` (absolute) or ``--target +0.10`` (added to the first run's base value, the
+  default, or with ``--target-from each`` to each run's own base value) of ``--target-metric`` (default ``strict``, the shapes world's strict accuracy; any held-out
   metric such as ``reward_ocr`` or ``pass_ocr``); a run reaches it at its first evaluation with the
   metric >= target, reported as (step, samples, wall time) or "not reached". Runs that were evaluated
   but have no strict accuracy get no target unless ``--target-metric`` names one.
@@ -394,8 +394,28 @@ def resolve_target(spec: str | float | None, runs: Sequence[Run],
     return target, f"{target:.3f} = base {short} {base.metrics[metric]:.3f} of {runs[0].name} {spec}"
 
 
-def first_reaching(run: Run, target: float | None, metric: str = DEFAULT_TARGET_METRIC) -> TargetHit | None:
+Target = float | None | dict[str, float | None]
+"""One target for every run, or one per run name (``--target-from each``)."""
+
+
+def per_run_targets(spec: str | float | None, runs: Sequence[Run], metric: str = DEFAULT_TARGET_METRIC
+                    ) -> tuple[dict[str, float | None], str]:
+    """``--target +D --target-from each``: each run's own base value of ``metric`` + D (runs that start
+    from different models: a base, a few-step student, a one-step student). An absolute ``--target`` is
+    the same for every run."""
+    targets = {r.name: resolve_target(spec, [r], metric)[0] for r in runs}
+    spec = DEFAULT_TARGET if spec is None else str(spec).strip()
+    how = "each run's own base" if spec.startswith(("+", "-")) else "absolute"
+    return targets, f"{spec} ({how})"
+
+
+def _target_of(target: Target, run: Run) -> float | None:
+    return target.get(run.name) if isinstance(target, dict) else target
+
+
+def first_reaching(run: Run, target: Target, metric: str = DEFAULT_TARGET_METRIC) -> TargetHit | None:
     """The first evaluation (by step) with ``metric`` >= target, or None."""
+    target = _target_of(target, run)
     if target is None:
         return None
     for e in run.evals:
@@ -447,7 +467,7 @@ def _fmt_mean_sem(e: EvalPoint | None, name: str) -> str:
     return f"{e.metrics[f'reward_{name}']:.3f}" + ("" if sem is None else f" ± {sem:.3f}")
 
 
-def run_table(run: Run, target: float | None, metric: str | None = DEFAULT_TARGET_METRIC) -> str:
+def run_table(run: Run, target: Target, metric: str | None = DEFAULT_TARGET_METRIC) -> str:
     """The markdown tables of one run: facts, then held-out rewards, accuracy and image metrics
     base -> final. ``metric`` None: no target row."""
     base, final = run.base, run.final
@@ -463,6 +483,7 @@ def run_table(run: Run, target: float | None, metric: str | None = DEFAULT_TARGE
     ]
     if metric is not None:
         short = "strict" if metric == DEFAULT_TARGET_METRIC else metric
+        target = _target_of(target, run)
         rows.append((f"reached target {short} {_fmt(target)}", _fmt_hit(first_reaching(run, target, metric), target)))
     lines = ["| | |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in rows)]
     if base is None:
@@ -492,7 +513,7 @@ def run_table(run: Run, target: float | None, metric: str | None = DEFAULT_TARGE
     return "\n".join(lines) + "\n"
 
 
-def overview_table(runs: Sequence[Run], target: float | None, metric: str | None = DEFAULT_TARGET_METRIC) -> str:
+def overview_table(runs: Sequence[Run], target: Target, metric: str | None = DEFAULT_TARGET_METRIC) -> str:
     """One row per run. Columns: the run's facts; base and final strict, off_palette and fid_shapes in
     :func:`shapes_mode`; base → final mean ± sem of every held-out reward and its pass rate where
     logged; where ``metric`` (the target's; None: no target column) was first reached."""
@@ -501,7 +522,8 @@ def overview_table(runs: Sequence[Run], target: float | None, metric: str | None
     passes = [n for n in names if has_metric(runs, f"pass_{n}")]
     header = ["run", "algorithm", "seed", "steps", "samples", "wall time"]
     if shapes:
-        header += ["base strict", "final strict", "off_palette base → final", "fid_shapes base → final"]
+        header += ["base strict", "final strict", "off_palette base → final", "fid_shapes base → final",
+                   "diversity base → final"]
     for n in names:
         header.append(f"reward_{n} base → final")
         if n in passes:
@@ -521,7 +543,7 @@ def overview_table(runs: Sequence[Run], target: float | None, metric: str | None
                  f"{r.steps}{'' if r.finished else '*'}", str(r.samples), fmt_seconds(r.wall_seconds)]
         if shapes:
             cells += [_fmt(b.metrics.get("strict") if b else None), _fmt(f.metrics.get("strict") if f else None),
-                      pair(b, f, "off_palette", 4), pair(b, f, "fid_shapes", 2)]
+                      pair(b, f, "off_palette", 4), pair(b, f, "fid_shapes", 2), pair(b, f, "diversity", 3)]
         for n in names:
             has = [e is not None and f"reward_{n}" in e.metrics for e in (b, f)]
             cells.append(f"{_fmt_mean_sem(b, n)} → {_fmt_mean_sem(f, n)}" if any(has) else "n/a")
@@ -529,7 +551,7 @@ def overview_table(runs: Sequence[Run], target: float | None, metric: str | None
                 cells.append(pair(b, f, f"pass_{n}", 3))
         if metric is not None:
             hit = first_reaching(r, target, metric)
-            cells.append("n/a" if target is None else ("not reached" if hit is None else
+            cells.append("n/a" if _target_of(target, r) is None else ("not reached" if hit is None else
                                                        f"{hit.samples} samples, {fmt_seconds(hit.seconds)}"))
         lines.append("| " + " | ".join(cells) + " |")
     if any(not r.finished for r in runs):
@@ -687,7 +709,7 @@ def before_after(run: Run, out: Path) -> Path | None:
 
 
 def write_report(runs: Sequence[Run], out: str | Path, target: str | float | None = None,
-                 command: str = "", target_metric: str | None = None) -> Path:
+                 command: str = "", target_metric: str | None = None, target_from: str = "first") -> Path:
     """Figures, grids and report.md under ``out``; returns the path of report.md. ``target_metric``
     None: strict accuracy in :func:`shapes_mode`, else no target (see :func:`target_metric_for`;
     ValueError for a target it cannot place)."""
@@ -696,6 +718,8 @@ def write_report(runs: Sequence[Run], out: str | Path, target: str | float | Non
     if metric is None:
         target_value, target_text = None, ("none (the runs have no strict accuracy, a shapes-world metric; "
                                            "`--target-metric reward_NAME` or `pass_NAME` sets one)")
+    elif target_from == "each":
+        target_value, target_text = per_run_targets(target, runs, metric)
     else:
         target_value, target_text = resolve_target(target, runs, metric)
     out.mkdir(parents=True, exist_ok=True)
@@ -744,8 +768,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     try:
         command = " ".join(["diffrl report", *args.run_dirs, *(["--out", args.out] if args.out else []),
                             *(["--target", args.target] if args.target else []),
-                            *(["--target-metric", args.target_metric] if args.target_metric else [])])
-        path = write_report(runs, out, args.target, command=command, target_metric=args.target_metric)
+                            *(["--target-metric", args.target_metric] if args.target_metric else []),
+                            *(["--target-from", args.target_from] if args.target_from != "first" else [])])
+        path = write_report(runs, out, args.target, command=command, target_metric=args.target_metric,
+                            target_from=args.target_from)
     except ValueError as err:
         print(f"diffrl report: {err}", file=sys.stderr)
         return 2
@@ -771,7 +797,8 @@ def register(sub) -> None:
         epilog="examples:\n  diffrl report runs/shapes-crd\n"
                "  diffrl report runs/shapes-* --out report --target 0.35\n"
                "  diffrl report 'runs/*-seed*' --target +0.05   (quoted globs are expanded too)\n"
-               "  diffrl report runs/sd35m-ocr --target-metric pass_ocr --target 0.5")
+               "  diffrl report runs/sd35m-ocr --target-metric pass_ocr --target 0.5\n"
+               "  diffrl report runs/*/ --target +0.10 --target-from each   (base, 4-step and 1-step students)")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (or glob patterns)")
     p.add_argument("--out", metavar="DIR",
                    help="output folder (default: RUN_DIR/report for one run, ./report for several)")
@@ -782,4 +809,7 @@ def register(sub) -> None:
                    help="held-out metric of the target: strict (the default; shapes world only), or any logged "
                         "metric such as reward_ocr or pass_ocr. Runs without strict get no target unless "
                         "this names one")
+    p.add_argument("--target-from", choices=("first", "each"), default="first",
+                   help="what an increment --target is added to: the first run's base value (first, the "
+                        "default) or each run's own (each: runs that start from different models)")
     p.set_defaults(func=cmd_report)

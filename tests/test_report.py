@@ -97,6 +97,27 @@ def test_target_reaching(two_runs):
     assert relative_change(0.2, 0.35) == pytest.approx(75.0) and relative_change(0.0, 0.1) is None
 
 
+def test_targets_from_each_runs_own_base(tmp_path):
+    """Runs that start from different models (a base, a student) get +D on their own base value."""
+    from diffrl.report import per_run_targets
+
+    a = make_run(tmp_path, "base-crd", evals=[_eval(0, 0.4, fid=1.5), _eval(4, 0.55, fid=1.4)])
+    b = make_run(tmp_path, "student-didr", algorithm="didr", evals=[_eval(0, 0.25, fid=14.0),
+                                                                    _eval(2, 0.36, fid=13.0), _eval(4, 0.3, fid=12.0)])
+    runs = load_runs([str(a), str(b)])
+    targets, text = per_run_targets("+0.10", runs)
+    assert targets == {"base-crd": pytest.approx(0.5), "student-didr": pytest.approx(0.35)} and "own base" in text
+    assert first_reaching(runs[1], targets).step == 2 and first_reaching(runs[0], targets).step == 4
+    assert first_reaching(runs[1], resolve_target("+0.10", runs)[0]) is None  # the first run's base: 0.5
+    assert per_run_targets("0.45", runs)[0] == {"base-crd": 0.45, "student-didr": 0.45}
+    md = write_report(runs, tmp_path / "out", target="+0.10", target_from="each").read_text()
+    assert "| reached target strict 0.350 | step 2, 64 samples, 20 s (strict 0.360) |" in md
+    assert "| reached target strict 0.500 | step 4, 128 samples, 40 s (strict 0.550) |" in md
+    assert "diversity base → final" in md and "0.250 → 0.250" in md
+    assert main(["report", str(a), str(b), "--target-from", "each", "--out", str(tmp_path / "cli")]) == 0
+    assert "--target-from each" in (tmp_path / "cli" / "report.md").read_text()
+
+
 def test_write_report_tables_figures_and_grids(two_runs, tmp_path):
     runs = load_runs([str(p) for p in two_runs])
     md_path = write_report(runs, tmp_path / "out", target=None, command="diffrl report x")
@@ -113,7 +134,7 @@ def test_write_report_tables_figures_and_grids(two_runs, tmp_path):
     assert "| reached target strict 0.300 | step 4, 128 samples, 40 s (strict 0.350) |" in md
     assert "| reached target strict 0.300 | not reached |" in md
     assert "| crd-a | crd | 0 | 4 | 128 | 50 s | 0.200 | 0.350 | 0.0010 → 0.0010 | 10.00 → 15.00 " \
-           "| 128 samples, 40 s |" in md
+           "| 0.250 → 0.250 | 128 samples, 40 s |" in md
     assert "| grpo-b | grpo | 1 | 6 | 96 | 40 s | 0.200 | 0.280 |" in md
     for png in ("training_samples.png", "accuracy_samples.png", "fidelity_samples.png", "grids_grpo-b.png"):
         assert f"]({png})" in md  # embedded by relative path
@@ -273,9 +294,9 @@ def test_shapes_and_reward_metrics_together(two_runs, ocr_runs, tmp_path):
     md_path = write_report(runs, tmp_path / "out")
     md = md_path.read_text()
     assert "Target strict accuracy: 0.300 = base strict 0.200 of crd-r +0.10." in md
-    assert ("| crd-r | crd | 0 | 4 | 128 | 50 s | 0.200 | 0.400 | 0.0010 → 0.0010 | n/a | 0.500 ± 0.030 → 0.700 ± 0.020 "
-            "| 0.200 → 0.400 | n/a | n/a | 128 samples, 40 s |") in md
-    assert "| ocr-a | crd | 0 | 4 | 128 | 50 s | n/a | n/a | n/a | n/a | n/a | n/a | 0.400 ± 0.020 → 0.550 ± 0.015 " \
+    assert ("| crd-r | crd | 0 | 4 | 128 | 50 s | 0.200 | 0.400 | 0.0010 → 0.0010 | n/a | n/a "
+            "| 0.500 ± 0.030 → 0.700 ± 0.020 | 0.200 → 0.400 | n/a | n/a | 128 samples, 40 s |") in md
+    assert "| ocr-a | crd | 0 | 4 | 128 | 50 s | n/a | n/a | n/a | n/a | n/a | n/a | n/a | 0.400 ± 0.020 → 0.550 ± 0.015 " \
            "| 0.250 → 0.500 | not reached |" in md
     for f in ("training", "heldout_reward", "accuracy", "fidelity"):
         assert (md_path.parent / f"{f}_samples.png").is_file()
