@@ -370,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     register_status(sub)
     register_report(sub)
     register_export(sub)
+    from diffrl.reward_model import register as register_reward_model
+
+    register_reward_model(sub)
     for register in _plugins():
         register(sub, bench)
     return parser

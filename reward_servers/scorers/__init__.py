@@ -1,14 +1,15 @@
 """Reward scorers, one file each, behind the small :class:`~diffrl.reward_servers.scorers.base.Scorer`
 interface, and a registry by name: ``get_scorer("ocr", metric="normalized")``.
 
-Built-in names: shapes, ocr, compressibility, detector, onnx. Modules are imported on first use
+Built-in names: shapes, shapes_cnn, ocr, compressibility, detector, onnx. Modules are imported on first use
 (so serving ``shapes`` does not import onnxruntime). ``register_scorer`` adds more, and any
 :class:`~diffrl.reward_servers.scorers.base.Scorer` subclass can be named by its import path,
 ``pkg.module:Class`` (its module importable, e.g. its folder on ``PYTHONPATH``): see
 docs/custom_rewards.md.
 
 ``shapes.py`` here is the pure shapes-world detector (``score``, ``score_batch``); its Scorer
-wrapper is ``shapes_reward.py``.
+wrapper is ``shapes_reward.py``; ``shapes_cnn.py`` serves the differentiable reward network
+(``models/reward_cnn.py``) that approximates it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from diffrl.config import ConfigError
 
 _BUILTIN: dict[str, str] = {
     "shapes": "diffrl.reward_servers.scorers.shapes_reward:ShapesScorer",
+    "shapes_cnn": "diffrl.reward_servers.scorers.shapes_cnn:ShapesCnnScorer",
     "ocr": "diffrl.reward_servers.scorers.ocr:OcrScorer",
     "compressibility": "diffrl.reward_servers.scorers.compressibility:CompressibilityScorer",
     "detector": "diffrl.reward_servers.scorers.detector:DetectorScorer",
