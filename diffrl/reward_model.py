@@ -661,8 +661,9 @@ def evaluate_net(net: ShapesRewardNet, sets: dict[str, tuple[np.ndarray, list[st
 
 
 def export_onnx(net: ShapesRewardNet, path: Path) -> dict:
-    """model.onnx (image [B, 3, H, W] in [0, 1] -> logits [B, 13, 6]) checked against torch with
-    onnxruntime; a record of what happened (skipped with the reason when the exporter fails)."""
+    """model.onnx (image [B, 3, H, W] in [0, 1] -> logits [B, 13, 6]; batch, height and width dynamic) by
+    torch's TorchScript exporter (no onnxscript needed), checked against torch with onnxruntime; a record
+    of what happened (skipped with the reason when the exporter fails)."""
     import copy
 
     t0 = time.perf_counter()
@@ -680,11 +681,12 @@ def export_onnx(net: ShapesRewardNet, path: Path) -> dict:
 
         got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
             None, {"image": check.numpy()})[0]
-        err = float(np.abs(got - model(check).detach().numpy()).max())
+        # compare count probabilities: the logits reach -1e4 (sharp bells), where float32 rounding is ~1e-3
+        err = float((torch.from_numpy(got).softmax(-1) - model(check).detach().softmax(-1)).abs().max())
     except Exception as exc:  # noqa: BLE001 - the export is optional: report why it was skipped
         path.unlink(missing_ok=True)
         return {"written": False, "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
-    return {"written": True, "file": path.name, "max_abs_diff_vs_torch": err,
+    return {"written": True, "file": path.name, "max_prob_diff_vs_torch": err,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -779,7 +781,8 @@ def register(sub) -> None:
                     "denoised estimates at high noise. Writes OUT/config.json, OUT/model.safetensors and "
                     "OUT/training.json (the command, time, data mix and held-out agreement with the detector "
                     "on EVAL prompts). "
-                    "About 10 minutes on 2 CPU cores with the defaults. docs/shapes_world.md, "
+                    "With --onnx also OUT/model.onnx. About 7 minutes on 2 CPU cores with the defaults. "
+                    "docs/shapes_world.md, "
                     "\"The differentiable reward model\".",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=d.out, metavar="DIR", help="output folder")
