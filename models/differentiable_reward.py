@@ -88,9 +88,7 @@ def load_differentiable_reward(path: str, device: torch.device | str = "cpu") ->
             raise ValueError(f"{where}: a reward model folder needs a config.json naming its class")
         from diffrl.models.reward_cnn import load_reward_model
 
-        net = load_reward_model(str(where), device=device)
-        _freeze(net)
-        return _RewardOfNet(net)
+        return _RewardOfNet(load_reward_model(str(where), device=device))  # loaded frozen
     if where.is_file() and where.suffix == ".pt2":
         program = torch.export.load(str(where))
         return _ExportedReward(program.module().to(device), where)

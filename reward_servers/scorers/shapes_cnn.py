@@ -20,7 +20,6 @@ import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 import torch
@@ -34,8 +33,8 @@ from diffrl.models.reward_cnn import (
     load_reward_model,
     resolve_reward_path,
 )
-from diffrl.models.shapes_world import parse_prompt
 from diffrl.reward_servers.scorers.base import Details, Scorer, check_lengths
+from diffrl.reward_servers.scorers.shapes_reward import _prompt_problem
 
 DEFAULT_PATH = "assets/shapes-reward-cnn"
 _COUNT_FIELDS = tuple("count_" + k.replace(" ", "_") for k in KINDS)
@@ -57,15 +56,6 @@ class ShapesCnnOptions:
                 "path", f"a reward model folder with {CONFIG_FILE} and {WEIGHTS_FILE}", self.path)
         require(self.score in ("", *SCORES), "score", f"empty or one of {', '.join(SCORES)}", self.score)
         require(self.threads >= 1, "threads", "an int >= 1", self.threads)
-
-
-@lru_cache(maxsize=8192)
-def _prompt_problem(prompt: str) -> str | None:
-    try:
-        parse_prompt(prompt)
-    except ValueError as err:
-        return f"not a shapes-world prompt: {err}"
-    return None
 
 
 class ShapesCnnScorer(Scorer):
