@@ -26,6 +26,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first and alone: the pinned CPU wheel here, your CUDA build on GPU machines (kept if present)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip install -q -e ".[dev]"
+	# the text world's second OCR judge (RapidOCR, its ONNX models inside the wheel). --no-deps: it asks for
+	# opencv-python, which would shadow the opencv-python-headless cv2 that the rest of diffrl uses
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip install -q --no-deps rapidocr_onnxruntime pyclipper shapely
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -224,11 +224,23 @@ def print_metrics(title: str, metrics: dict[str, float]) -> None:
             print(f"    {key:<8} {metrics[key]:.3f}")
         by_n = {k: v for k, v in metrics.items() if k.startswith("strict_")}
         print("    " + "  ".join(f"{k.removeprefix('strict_')}={v:.2f}" for k, v in by_n.items()))
-    if "fidelity" in metrics:
+    if "ocr_exact" in metrics:
+        print("  text-world OCR (exact match of the word / 1 - normalised edit distance):")
+        for engine in ("ocr", "rapid"):
+            if f"{engine}_exact" in metrics:
+                name = "tesseract" if engine == "ocr" else "rapidocr (held-out judge)"
+                print(f"    {name:<26} exact {metrics[f'{engine}_exact']:.3f} ± {metrics[f'{engine}_exact_sem']:.3f}"
+                      f"  score {metrics[f'{engine}_score']:.3f}")
+        print(f"  fidelity {metrics['fidelity']:.3f} (pixels that are background, ink or a blend of the two); "
+              f"background_clean {metrics['background_clean']:.3f} (margin rows free of ink)")
+    elif "fidelity" in metrics:
         print(f"  fidelity {metrics['fidelity']:.3f} (pixels that are background or a palette colour)")
     if "fid_shapes" in metrics:
         print(f"  fid_shapes {metrics['fid_shapes']:.2f} (Fréchet distance to renders of the same pairs, "
               "0 = like the world; two sets of renders ~0.3)")
+    if "fid_text" in metrics:
+        print(f"  fid_text {metrics['fid_text']:.2f} (Fréchet distance to renders of the same pairs, "
+              "0 = like the world; two sets of renders ~0.05)")
     if "diversity" in metrics:
         print(f"  diversity {metrics['diversity']:.3f} within prompts "
               f"(renders of the same pairs {metrics['diversity_renders']:.3f})")
@@ -281,9 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("pretrain", help="train the shapes-world base model from scratch (CPU, <= 15 min)",
-                       description="Train the shapes-world base model (rectified flow, prompt dropout for "
-                                   "CFG) and save it in diffusers format.")
+    p = sub.add_parser("pretrain", help="train a built-in world's base model from scratch (CPU, 13-25 min)",
+                       description="Train the base model of a built-in world (world=shapes, the default, or "
+                                   "world=text with deploy/configs/pretrain-text.yaml) from its renders: "
+                                   "rectified flow, prompt dropout for CFG; saved in diffusers format.")
     add_config_args(p, PretrainConfig)
     p.set_defaults(func=cmd_pretrain)
 
@@ -319,14 +332,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="held-out rewards of a model (or a run's weights), and a captioned grid",
                        description="Sample fixed (prompt, seed) pairs of a prompt set, score them through the "
                                    "rewards' servers (started locally unless they have urls), print each reward's "
-                                   "mean, standard error and pass rate (plus the detector and fidelity metrics "
-                                   "on the shapes world), and write a grid captioned with prompts and scores. "
+                                   "mean, standard error and pass rate (plus the world's own metrics on the "
+                                   "shapes and text worlds: detector or OCR accuracy, fidelity), and write a grid captioned with prompts and scores. "
                                    "--model RUN_DIR (or RUN_DIR/checkpoints/step_N) evaluates a run's p_samp "
                                    "with the run's own held-out prompts and rewards.")
     p.add_argument("--model", help="a diffusers model folder or hub id (model.path=...), a run folder or a "
                                    "checkpoint folder")
     p.add_argument("--step", type=int, help="with a run folder: the checkpoint step (default: the latest)")
-    p.add_argument("--prompts", help="prompt set: shapes:eval|shapes:train|shapes:all or a .txt/.jsonl file")
+    p.add_argument("--prompts", help="prompt set: shapes:eval|train|all, text:eval|train|all or a .txt/.jsonl file")
     p.add_argument("--split", choices=("eval", "train", "all"), help="shorthand for --prompts shapes:SPLIT")
     add_config_args(p, _eval_schema())
     p.set_defaults(func=cmd_eval)

@@ -3,7 +3,8 @@
 A prompt set is named by a built-in name or a file:
 
 - built-in: ``shapes:train``, ``shapes:eval`` (held out), ``shapes:all`` (the shapes world's
-  splits, docs/shapes_world.md); later worlds register theirs with :func:`register_prompt_set`.
+  splits, docs/shapes_world.md) and ``text:train``, ``text:eval``, ``text:all`` (the text world's,
+  docs/text_world.md); other worlds register theirs with :func:`register_prompt_set`.
 - ``.txt``: one prompt per line; blank lines and lines starting with ``#`` are skipped.
 - ``.jsonl``: one JSON object per line, ``{"prompt": "...", "metadata": {...}}`` (metadata optional).
   The metadata reaches the reward servers as the item's metadata (e.g. ``{"text": "hello"}`` for the
@@ -49,7 +50,7 @@ class PromptSet:
     items: list[PromptItem] = field(default_factory=list)
     """The prompts, in file order."""
     world: str = ""
-    """The built-in world the prompts belong to ('shapes'; '' for files): evaluation adds that
+    """The built-in world the prompts belong to ('shapes', 'text'; '' for files): evaluation adds that
     world's own metrics."""
 
     @property
@@ -66,17 +67,20 @@ def register_prompt_set(name: str, world: str, prompts: Callable[[], list[str]])
 
 
 def builtin_names() -> list[str]:
-    _register_shapes()
+    _register_worlds()
     return sorted(_BUILTIN)
 
 
-def _register_shapes() -> None:
+def _register_worlds() -> None:
+    """The built-in worlds' splits: ``shapes:train`` ... ``text:all``."""
     if "shapes:train" in _BUILTIN:
         return
-    from diffrl.models.shapes_world import split_prompts
+    from diffrl.models.worlds import WORLDS, get_world
 
-    for split in ("train", "eval", "all"):
-        register_prompt_set(f"shapes:{split}", "shapes", lambda split=split: split_prompts(split))
+    for world in WORLDS:
+        for split in ("train", "eval", "all"):
+            register_prompt_set(f"{world}:{split}", world,
+                                lambda world=world, split=split: get_world(world).split_prompts(split))
 
 
 def metadata_value(value) -> str:
@@ -136,7 +140,7 @@ def read_prompt_file(path: str) -> list[PromptItem]:
 
 def load_prompt_set(spec: str) -> PromptSet:
     """The prompt set named by ``spec`` (a built-in name or a file)."""
-    _register_shapes()
+    _register_worlds()
     if spec in _BUILTIN:
         world, prompts = _BUILTIN[spec]
         return PromptSet(spec, [PromptItem(p) for p in prompts()], world)
@@ -158,7 +162,7 @@ class DataConfig:
     """The prompts of a run."""
 
     train: str = "shapes:train"
-    """Prompts the samplers train on: a built-in set (shapes:train, shapes:eval, shapes:all) or a
+    """Prompts the samplers train on: a built-in set (shapes:train|eval|all, text:train|eval|all) or a
     .txt (one prompt per line) or .jsonl ({"prompt": ..., "metadata": {...}} per line) file."""
     eval: str = "shapes:eval"
     """Held-out prompts of the evaluations (same forms); none of them may be in data.train."""

@@ -286,7 +286,25 @@ def shapes_world_metrics(images: np.ndarray, prompts: Sequence[str], seeds: Sequ
     return metrics
 
 
-WORLD_METRICS = {"shapes": shapes_world_metrics}
+def text_world_metrics(images: np.ndarray, prompts: Sequence[str], seeds: Sequence[int]) -> dict[str, float]:
+    """The text world's own metrics (OCR exact match by two engines, fidelity, fid_text, diversity)."""
+    from diffrl import text_eval
+
+    return text_eval.text_world_metrics(images, prompts, seeds)
+
+
+WORLD_METRICS = {"shapes": shapes_world_metrics, "text": text_world_metrics}
+
+
+def text_world_readings(images: np.ndarray) -> list[str]:
+    """What tesseract reads on each image, in quotes, for the grid's captions ("" = nothing read)."""
+    from diffrl import text_eval
+
+    return [f'"{t}"' for t in text_eval.read_text(images)]
+
+
+WORLD_CAPTIONS = {"text": text_world_readings}
+"""Per-image caption prefixes of a built-in world's grid (the text world: each image's OCR reading)."""
 """Extra metrics of a built-in world's prompt sets (``PromptSet.world``)."""
 
 
@@ -351,5 +369,9 @@ def evaluate(model: FlowModel, cfg: EvalConfig, prompt_set: PromptSet, scorer: E
         shown = cfg.grid_prompts * cfg.seeds_per_prompt
         Path(grid_path).parent.mkdir(parents=True, exist_ok=True)
         captions = _captions(per_image, len(images))[:shown] if per_image else None
+        readings = WORLD_CAPTIONS.get(prompt_set.world)
+        if readings is not None:
+            words = readings(images[:shown])
+            captions = [f"{w} {c}" for w, c in zip(words, captions)] if captions else words
         image_grid(images[:shown], prompts[:shown], cfg.seeds_per_prompt, captions).save(grid_path)
     return metrics

@@ -48,7 +48,8 @@ RUN_FILES = (run_folder.METRICS, run_folder.EVAL, run_folder.CONFIG, run_folder.
 """A folder holding none of these is not a run folder."""
 CLAUSES = ("count", "color", "shape", "partial")
 ACCURACY_METRICS = ("strict", *CLAUSES)
-FIDELITY_METRICS = ("fidelity", "off_palette", "fid_shapes", "diversity", "diversity_renders")
+FIDELITY_METRICS = ("fidelity", "off_palette", "fid_shapes", "diversity", "diversity_renders", "fid_text",
+                    "background_clean")
 """Image metrics of the evaluation (diffrl/evaluation.py), when the run logged them."""
 DEFAULT_TARGET = "+0.10"
 DEFAULT_TARGET_METRIC = "strict"
@@ -513,6 +514,11 @@ def run_table(run: Run, target: Target, metric: str | None = DEFAULT_TARGET_METR
     return "\n".join(lines) + "\n"
 
 
+TEXT_COLUMNS: tuple[tuple[str, int], ...] = (("ocr_exact", 3), ("rapid_exact", 3), ("off_palette", 4),
+                                             ("background_clean", 4), ("fid_text", 2), ("diversity", 3))
+"""The text world's held-out columns of the overview (metric, digits), when a run logged ``ocr_exact``."""
+
+
 def overview_table(runs: Sequence[Run], target: Target, metric: str | None = DEFAULT_TARGET_METRIC) -> str:
     """One row per run. Columns: the run's facts; base and final strict, off_palette and fid_shapes in
     :func:`shapes_mode`; base → final mean ± sem of every held-out reward and its pass rate where
@@ -524,6 +530,8 @@ def overview_table(runs: Sequence[Run], target: Target, metric: str | None = DEF
     if shapes:
         header += ["base strict", "final strict", "off_palette base → final", "fid_shapes base → final",
                    "diversity base → final"]
+    text = TEXT_COLUMNS if has_metric(runs, "ocr_exact") else ()
+    header += [f"{key} base → final" for key, _ in text]
     for n in names:
         header.append(f"reward_{n} base → final")
         if n in passes:
@@ -544,6 +552,7 @@ def overview_table(runs: Sequence[Run], target: Target, metric: str | None = DEF
         if shapes:
             cells += [_fmt(b.metrics.get("strict") if b else None), _fmt(f.metrics.get("strict") if f else None),
                       pair(b, f, "off_palette", 4), pair(b, f, "fid_shapes", 2), pair(b, f, "diversity", 3)]
+        cells += [pair(b, f, key, digits) for key, digits in text]
         for n in names:
             has = [e is not None and f"reward_{n}" in e.metrics for e in (b, f)]
             cells.append(f"{_fmt_mean_sem(b, n)} → {_fmt_mean_sem(f, n)}" if any(has) else "n/a")
@@ -573,9 +582,13 @@ def _smooth(values: list[float], window: int) -> list[float]:
 PANELS = {
     "training": (("reward", "train reward (mean per step)"), ("kl", "KL (learner's estimate)")),
     "accuracy": (("strict", "held-out strict accuracy"), ("count", "held-out count"),
-                 ("color", "held-out color"), ("shape", "held-out shape")),
+                 ("color", "held-out color"), ("shape", "held-out shape"),
+                 ("ocr_exact", "held-out OCR exact match (tesseract)"),
+                 ("rapid_exact", "held-out exact match (RapidOCR, never a reward)")),
     "fidelity": (("off_palette", "off-palette pixel fraction (1 - fidelity)"),
                  ("fid_shapes", "fid_shapes (vs renders; lower is better)"),
+                 ("fid_text", "fid_text (vs renders; lower is better)"),
+                 ("background_clean", "margin pixels that are background"),
                  ("diversity", "within-prompt diversity (dashed: renders)")),
 }
 """Figure name -> panels (metric, title). Each figure is drawn against samples and against wall time."""
@@ -640,7 +653,7 @@ def plot_curves(runs: Sequence[Run], out: Path) -> list[Path]:
                             continue
                         xs = [e.samples if axis == "samples" else e.seconds / 60 for e in pts]
                         ys = [e.metrics[key] for e in pts]
-                        sems = [e.metrics.get(f"{key}_sem") for e in pts] if key.startswith("reward_") else []
+                        sems = [e.metrics.get(f"{key}_sem") for e in pts]
                         if any(v is not None for v in sems):
                             ax.errorbar(xs, ys, yerr=[v or 0.0 for v in sems], marker="o", markersize=3,
                                         capsize=2, color=color, label=run.label)

@@ -1,4 +1,4 @@
-"""Pretraining of the shapes-world base model: rectified flow on rendered scenes, with prompt dropout
+"""Pretraining of a built-in world's base model (shapes or text): rectified flow on rendered images, with prompt dropout
 so classifier-free guidance works. ``diffrl pretrain`` runs it; the result is a diffusers folder.
 
 Loss: E_{x0, c, ε, σ} ‖v(x_σ, σ, c̃) − (ε − x0)‖², x_σ = (1 − σ)·x0 + σ·ε, σ ~ logit-normal (SD3),
@@ -19,15 +19,20 @@ import torch
 from tqdm import tqdm
 
 from diffrl.config import require
-from diffrl.models import shapes_world
 from diffrl.models.adapter import FlowModel, denoise
 from diffrl.models.tiny_sd3 import TinySD3Arch, TinyUNetArch, build_tiny_sd3, build_tiny_unet
+from diffrl.models.worlds import WORLDS, get_world
 
 
 @dataclass
 class PretrainConfig:
     output: str = "assets/shapes-base"
     """Folder the trained pipeline is written to (diffusers format)."""
+    world: str = "shapes"
+    """The built-in world whose training prompts and renders are learned: shapes or text."""
+    snapshot_every: int = 0
+    """Also save the EMA weights every N steps to OUTPUT-stepN (0 = only the final model); a base
+    with headroom can be picked from them."""
     denoiser: str = "unet"
     """Denoiser kind: unet (a small cross-attention UNet: the right inductive bias for 32x32 scenes on
     a CPU budget) or sd3 (an SD3 joint-attention transformer)."""
@@ -61,6 +66,11 @@ class PretrainConfig:
     """Torch CPU threads; 0 = all cores."""
 
     def validate(self) -> None:
+        require(self.world in WORLDS, "world", "|".join(WORLDS), self.world)
+        size = self.unet.image_size if self.denoiser == "unet" else self.sd3.image_size
+        require(size == get_world(self.world).IMAGE_SIZE, f"{self.denoiser}.image_size",
+                f"the {self.world} world's image size {get_world(self.world).IMAGE_SIZE}", size)
+        require(self.snapshot_every >= 0, "snapshot_every", "an int >= 0 (0 = none)", self.snapshot_every)
         require(self.denoiser in ("unet", "sd3"), "denoiser", "unet|sd3", self.denoiser)
         require(self.max_steps >= 1, "max_steps", "an int >= 1", self.max_steps)
         require(self.time_budget_s > 0, "time_budget_s", "seconds > 0", self.time_budget_s)
@@ -95,7 +105,8 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
     opt = torch.optim.AdamW(modules.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    prompts = shapes_world.train_prompts()
+    world = get_world(cfg.world)
+    prompts = world.split_prompts("train")
     timesteps = pipe.scheduler.config.num_train_timesteps
 
     start, step, losses = time.time(), 0, []
@@ -104,7 +115,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
     while step < cfg.max_steps and (elapsed := time.time() - start) < cfg.time_budget_s:
         batch_prompts = [prompts[i] for i in rng.integers(len(prompts), size=cfg.batch_size)]
         seeds = rng.integers(2**31, size=cfg.batch_size)
-        images = shapes_world.render_batch(batch_prompts, seeds)  # [B, H, W, 3] uint8
+        images = world.render_batch(batch_prompts, seeds)  # [B, H, W, 3] uint8
         x0 = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # [B, 3, H, W]
         text = [p if u >= cfg.prompt_dropout else "" for p, u in zip(batch_prompts, rng.random(cfg.batch_size))]
         hidden, _, pooled, _ = pipe.encode_prompt(text, None, None, device="cpu",
@@ -127,18 +138,30 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
                 e.lerp_(p, 1 - decay)
         losses.append(loss.item())
         step += 1
+        if cfg.snapshot_every and step % cfg.snapshot_every == 0:
+            _save(pipe, denoiser_name, ema, out.parent / f"{out.name}-step{step}")
         if step % 20 == 0:
             bar.n = min(int(time.time() - start), int(cfg.time_budget_s))
             bar.set_postfix(step=step, loss=f"{np.mean(losses[-20:]):.4f}", it_s=f"{step / (time.time() - start):.1f}")
     bar.close()
 
-    setattr(pipe, denoiser_name, ema[0])
-    pipe.text_encoder, pipe.text_encoder_2 = ema[1], ema[2]
-    out.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(str(out))
+    _save(pipe, denoiser_name, ema, out)
     _remove_tree(work)
     return {"steps": step, "seconds": time.time() - start, "final_loss": float(np.mean(losses[-100:])),
             "images_seen": step * cfg.batch_size}
+
+
+def _save(pipe, denoiser_name: str, ema: torch.nn.ModuleList, out: Path) -> None:
+    """Save ``pipe`` with the EMA weights in it (the training modules are put back afterwards)."""
+    trained = (getattr(pipe, denoiser_name), pipe.text_encoder, pipe.text_encoder_2)
+    setattr(pipe, denoiser_name, ema[0])
+    pipe.text_encoder, pipe.text_encoder_2 = ema[1], ema[2]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        pipe.save_pretrained(str(out))
+    finally:
+        setattr(pipe, denoiser_name, trained[0])
+        pipe.text_encoder, pipe.text_encoder_2 = trained[1], trained[2]
 
 
 def _remove_tree(path: Path) -> None:

@@ -101,14 +101,19 @@ def _whole_word_merges(words: Iterable[str]) -> list[str]:
     return merges
 
 
-def write_clip_tokenizer(folder: str | Path, words: Iterable[str] = DEFAULT_WORDS, max_length: int = 16):
+DEFAULT_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def write_clip_tokenizer(folder: str | Path, words: Iterable[str] = DEFAULT_WORDS, max_length: int = 16,
+                         chars: str = DEFAULT_CHARS):
     """Write vocab.json / merges.txt / configs of a CLIP BPE tokenizer whose whole words are single
-    tokens (see _whole_word_merges); characters stay as a fallback, so no text is rejected."""
+    tokens (see _whole_word_merges); characters stay as a fallback, so no text is rejected. With no
+    ``words`` it is character-level: one token per character (two per letter, inside a word and
+    word-final, as CLIP's BPE marks the end of a word)."""
     from transformers import CLIPTokenizer
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
     vocab: dict[str, int] = {}
 
     def add(token: str) -> None:
@@ -136,11 +141,11 @@ def write_clip_tokenizer(folder: str | Path, words: Iterable[str] = DEFAULT_WORD
 
 
 def _clip_text_encoders(workdir: str | Path, hidden: int, layers: int, heads: int, projection: int,
-                        max_tokens: int):
+                        max_tokens: int, words: Iterable[str] = DEFAULT_WORDS, chars: str = DEFAULT_CHARS):
     """A locally written tokenizer and two small CLIPTextModelWithProjection encoders (SD3's CLIP pair)."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    tokenizer = write_clip_tokenizer(Path(workdir) / "tokenizer", max_length=max_tokens)
+    tokenizer = write_clip_tokenizer(Path(workdir) / "tokenizer", words=words, max_length=max_tokens, chars=chars)
     text_config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
@@ -246,8 +251,20 @@ class TinyUNetArch:
     embedding."""
     max_tokens: int = 16
     """Tokenizer max length (prompt tokens incl. start/end)."""
+    vocab_words: list[str] = field(default_factory=lambda: list(DEFAULT_WORDS))
+    """Words that are single tokens; [] = a character-level tokenizer (the text world's: letters
+    must be learned, so unseen words are new sequences of known tokens)."""
+    vocab_chars: str = DEFAULT_CHARS
+    """Characters of the tokenizer (each a token, also the fallback for words not in vocab_words)."""
+    cross_attention_blocks: int = 1
+    """How many of the lowest-resolution UNet blocks attend to the prompt (1: the last only; the
+    text world uses 2 so that letters are placed at 16 x 16)."""
 
     def validate(self) -> None:
+        require(1 <= self.cross_attention_blocks <= len(self.channels), "cross_attention_blocks",
+                f"an int in [1, {len(self.channels)}]", self.cross_attention_blocks)
+        require(bool(self.vocab_chars) and len(set(self.vocab_chars)) == len(self.vocab_chars), "vocab_chars",
+                "distinct characters", self.vocab_chars)
         require(len(self.channels) >= 2 and all(c >= 4 and c % 4 == 0 for c in self.channels), "channels",
                 "at least two widths, each a multiple of 4", list(self.channels))
         require(self.image_size % 2 ** (len(self.channels) - 1) == 0, "image_size",
@@ -269,16 +286,17 @@ def build_tiny_unet(arch: TinyUNetArch, workdir: str | Path, seed: int = 0):
     arch.validate()
     torch.manual_seed(seed)
     tokenizer, text_encoder, text_encoder_2 = _clip_text_encoders(
-        workdir, arch.text_hidden, arch.text_layers, arch.text_heads, arch.text_projection, arch.max_tokens)
-    n = len(arch.channels)
+        workdir, arch.text_hidden, arch.text_layers, arch.text_heads, arch.text_projection, arch.max_tokens,
+        arch.vocab_words, arch.vocab_chars)
+    n, k = len(arch.channels), arch.cross_attention_blocks
     unet = UNet2DConditionModel(
         sample_size=arch.image_size,
         in_channels=3,
         out_channels=3,
         block_out_channels=tuple(arch.channels),
         layers_per_block=arch.layers_per_block,
-        down_block_types=("DownBlock2D",) * (n - 1) + ("CrossAttnDownBlock2D",),
-        up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (n - 1),
+        down_block_types=("DownBlock2D",) * (n - k) + ("CrossAttnDownBlock2D",) * k,
+        up_block_types=("CrossAttnUpBlock2D",) * k + ("UpBlock2D",) * (n - k),
         cross_attention_dim=2 * arch.text_hidden,
         attention_head_dim=arch.attention_head_dim,
         norm_num_groups=min(8, arch.channels[0]),

@@ -13,7 +13,8 @@ per CPU second of the scoring process are reported (server: all its threads plus
 from /proc; in-process: this process), which other tenants of a shared machine disturb far less.
 
 Workloads (synthetic, deterministic): shapes = shapes-world renders (32x32) scored against their
-prompts; ocr = words rendered by Pillow at 128x64 / 256x64; compressibility = 64x64 shapes renders
+prompts; ocr = words rendered by Pillow at 128x64 / 256x64 (``images=text-world``: the text world's 32x32
+signs); compressibility = 64x64 shapes renders
 and noise; detector = 360x140 drawings of 0-3 cartoon faces; onnx = 64x64 renders (needs
 ``server=[scorer.path=...]``).
 """
@@ -71,6 +72,9 @@ class RewardBenchConfig:
     """CPUs of the load generator; empty = all."""
     server: list[str] = field(default_factory=list)
     """Extra server overrides, e.g. [scorer.parallel=2] or [scorer.path=/m.onnx]."""
+    images: str = "default"
+    """The images: default (the reward's own workload, above) or text-world (32x32 signs of the
+    text world's words, scored by ocr: enlarged x4 before recognition, as in training)."""
     output: str = ""
     """Also write the result as JSON to this path."""
 
@@ -78,6 +82,9 @@ class RewardBenchConfig:
         require(self.batch_size >= 1, "batch_size", "an int >= 1", self.batch_size)
         require(self.batches >= 1, "batches", "an int >= 1", self.batches)
         require(self.repeats >= 1, "repeats", "an int >= 1", self.repeats)
+        require(self.images in ("default", "text-world"), "images", "default or text-world", self.images)
+        require(self.images == "default" or self.name == "ocr", "images", "default (text-world is for ocr)",
+                self.images)
         require(self.concurrency >= 1, "concurrency", "an int >= 1", self.concurrency)
         require(self.threads >= 1, "threads", "an int >= 1", self.threads)
         for key in ("server_cpus", "client_cpus"):
@@ -118,13 +125,20 @@ def draw_faces(n: int, width: int = 360, height: int = 140) -> np.ndarray:
     return cv2.GaussianBlur(img, (5, 5), 0)
 
 
-def workload(name: str, n: int, seed: int = 0) -> tuple[list[np.ndarray], list[str], list[dict[str, str]]]:
-    """(images, prompts, metadata) of one benchmark batch for reward ``name``."""
+def workload(name: str, n: int, seed: int = 0, images: str = "default"
+             ) -> tuple[list[np.ndarray], list[str], list[dict[str, str]]]:
+    """(images, prompts, metadata) of one benchmark batch for reward ``name`` (``images``: see
+    RewardBenchConfig.images)."""
     import cv2
 
+    from diffrl.models import text_world
     from diffrl.models.shapes_world import all_prompts, render_prompt
 
     rng = np.random.default_rng(seed)
+    if images == "text-world":
+        words = text_world.WORDS
+        prompts = [text_world.format_prompt(words[int(i)]) for i in rng.integers(0, len(words), n)]
+        return list(text_world.render_batch(prompts, [seed * 1000 + i for i in range(n)])), prompts, [{}] * n
     prompts_all = all_prompts()
     if name == "ocr":
         words = [WORDS[(seed + i) % len(WORDS)] for i in range(n)]
@@ -274,7 +288,7 @@ def bench_reward(cfg: RewardBenchConfig) -> dict:
     n_distinct = 4
     batches = []
     for k in range(n_distinct):
-        images, prompts, meta = workload(cfg.name, cfg.batch_size, seed=k)
+        images, prompts, meta = workload(cfg.name, cfg.batch_size, seed=k, images=cfg.images)
         batches.append((images, prompts, meta, [encode_png(im) for im in images]))
     proto_bodies, json_bodies = [], []
     for _, prompts, meta, pngs in batches:
@@ -308,11 +322,12 @@ def bench_reward(cfg: RewardBenchConfig) -> dict:
     med = {k: statistics.median(v) for k, v in runs.items()}
     mcpu = {k: statistics.median(v) for k, v in per_cpu.items()}
     result = {
-        "reward": cfg.name,
+        "reward": cfg.name if cfg.images == "default" else f"{cfg.name} ({cfg.images})",
         "command": "diffrl bench reward " + cfg.name + "".join(
             f" {k}={v}" for k, v in (("batch_size", cfg.batch_size), ("concurrency", cfg.concurrency),
                                      ("threads", cfg.threads), ("server_cpus", cfg.server_cpus),
-                                     ("client_cpus", cfg.client_cpus))) + "".join(f" {x}" for x in cfg.server),
+                                     ("client_cpus", cfg.client_cpus))) + "".join(f" {x}" for x in cfg.server)
+                   + ("" if cfg.images == "default" else f" images={cfg.images}"),
         "machine": f"{os.cpu_count()} CPUs ({_cpu_model()}), Python {platform.python_version()}",
         "batch_size": cfg.batch_size,
         "images_per_s": {k: round(med[k], 1) for k in keys},

@@ -48,6 +48,8 @@ from diffrl.reward_servers.scorers.base import Details, Scorer, check_lengths
 _QUOTED = re.compile(r'"([^"]*)"')
 _CURLY = str.maketrans({"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"'})
 _WS = re.compile(r"\s+")
+MIN_OCR_SIDE = 128
+"""With ``upscale: 0``, images whose shorter side is below this many pixels are enlarged to reach it."""
 
 
 @dataclass
@@ -70,6 +72,10 @@ class OcrOptions:
     """Images whose grey range (max - min) is below this are read as empty text."""
     text_key: str = "text"
     """Metadata key that, when present, gives the target text instead of the prompt's quotes."""
+    upscale: int = 0
+    """Resize factor (bicubic) applied before recognition; 0 = auto: images whose shorter side is
+    under ``MIN_OCR_SIDE`` px are enlarged by the smallest integer factor that reaches it (tesseract
+    reads 32 px signs reliably only enlarged: docs/text_world.md), larger ones are read as they are."""
 
     def validate(self) -> None:
         require(self.metric in ("flow_grpo", "normalized"), "metric", "flow_grpo or normalized", self.metric)
@@ -78,6 +84,7 @@ class OcrOptions:
                 "tesseract language codes like eng or eng+deu", self.lang)
         require(self.parallel >= 1, "parallel", "an int >= 1", self.parallel)
         require(self.timeout_s > 0, "timeout_s", "a float > 0", self.timeout_s)
+        require(0 <= self.upscale <= 16, "upscale", "an int in [0, 16] (0 = auto)", self.upscale)
 
 
 def target_text(prompt: str, metadata: Mapping[str, str], key: str = "text") -> str | None:
@@ -147,7 +154,7 @@ class TesseractEngine:
             lo, hi = g.getextrema()
             if hi - lo >= self.options.blank_contrast:
                 todo.append(i)
-                greys.append(g)
+                greys.append(self._enlarge(g))
         if not todo:
             return texts
         n = min(self.options.parallel, len(todo))
@@ -162,6 +169,10 @@ class TesseractEngine:
             for j, text in zip(chunk, out):
                 texts[todo[j]] = text
         return texts
+
+    def _enlarge(self, grey: Image.Image) -> Image.Image:
+        factor = self.options.upscale or max(1, -(-MIN_OCR_SIDE // min(grey.size)))
+        return grey if factor == 1 else grey.resize((grey.width * factor, grey.height * factor), Image.BICUBIC)
 
     def _read_pages(self, pages: list[Image.Image]) -> list[str]:
         buf = io.BytesIO()

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The runs behind docs/results.md, "The text world": CRD on the text-world base (deploy/configs/ocr-cpu.yaml)
+# against a real OCR reward server, seeds 0 and 1 side by side (30 minutes each, both at once on the 2-core
+# machine), then `diffrl report` with the target on held-out exact match (+0.15).
+#   scripts/results_text.sh [OUT_DIR] [extra key=value overrides for every run]
+# PHASES="crd" runs only the training (default: crd report).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-runs/results23}; shift || true
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
+common=(run.output_dir="$out" run.progress=false "$@")
+train() {  # NAME RECIPE [overrides...]
+  local name=$1 recipe=$2; shift 2
+  mkdir -p "$out"
+  .venv/bin/diffrl train "$recipe" run.name="$name" ray.temp_dir="/tmp/dr-$name" "${common[@]}" "$@" \
+    > "$out/$name.log" 2>&1
+}
+phases=${PHASES:-crd report}
+if [[ " $phases " == *" crd "* ]]; then
+  train ocr-crd-s0 deploy/configs/ocr-cpu.yaml run.seed=0 &
+  train ocr-crd-s1 deploy/configs/ocr-cpu.yaml run.seed=1 &
+  wait
+fi
+if [[ " $phases " == *" report "* ]]; then
+  .venv/bin/diffrl report "$out"/ocr-crd-s0 "$out"/ocr-crd-s1 --out "$out/report" \
+    --target-metric ocr_exact --target +0.15
+fi
