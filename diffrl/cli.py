@@ -171,7 +171,20 @@ def load_eval_config(args: argparse.Namespace):
     if run_path and recipe is None:
         probe = load_config(_eval_schema(), None, overrides)  # where the user wants the output
         recipe = str(_run_eval_recipe(run_path, Path(probe.output_dir)))
-    return load_config(_eval_schema(), recipe, [*overrides, *extra]), run_path
+    cfg = load_config(_eval_schema(), recipe, [*overrides, *extra])
+    if recipe is None and not any(o.startswith("rewards") for o in overrides):
+        cfg.rewards = world_rewards(cfg.prompts, cfg.rewards)
+    return cfg, run_path
+
+
+def world_rewards(prompts: str, default: list):
+    """The default reward of ``diffrl eval`` is the prompt set's world's own: the shapes reward on
+    shapes:*, the OCR reward (normalised edit distance, as ocr-cpu.yaml trains it) on text:*."""
+    from diffrl.schema import RewardSpec
+
+    if prompts.startswith("text:"):
+        return [RewardSpec(name="ocr", serve_args=["scorer.metric=normalized"])]
+    return default
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -333,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Sample fixed (prompt, seed) pairs of a prompt set, score them through the "
                                    "rewards' servers (started locally unless they have urls), print each reward's "
                                    "mean, standard error and pass rate (plus the world's own metrics on the "
-                                   "shapes and text worlds: detector or OCR accuracy, fidelity), and write a grid captioned with prompts and scores. "
+                                   "shapes and text worlds: detector or OCR accuracy, fidelity; their default "
+                                   "reward is the world's own: shapes or ocr), and write a grid captioned with prompts and scores. "
                                    "--model RUN_DIR (or RUN_DIR/checkpoints/step_N) evaluates a run's p_samp "
                                    "with the run's own held-out prompts and rewards.")
     p.add_argument("--model", help="a diffusers model folder or hub id (model.path=...), a run folder or a "

@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from diffrl.config import require
 from diffrl.data import PromptItem, PromptSet
+from diffrl.frechet import FRECHET_EPS, FRECHET_SCALE, frechet_distance  # noqa: F401 (re-exported)
 from diffrl.models import shapes_world
 from diffrl.models.adapter import FlowModel
 from diffrl.reward_servers.client import Group as RewardGroup
@@ -156,14 +157,6 @@ FEATURE_NAMES: tuple[str, ...] = (
 )
 """The fixed features of :func:`shapes_features`, in order."""
 FEATURE_DIM: int = len(FEATURE_NAMES)
-FRECHET_EPS: float = 1e-6
-"""Added to the diagonal of both covariances before the matrix square root (feature units squared):
-keeps sqrt well defined when N <= FEATURE_DIM or a feature is constant (off-palette ink is 0 on
-every render), and cancels exactly when the two sets have the same covariance."""
-FRECHET_SCALE: float = 100.0
-"""``fid_shapes`` is the Fréchet distance times this, so that typical values read as 0.1..100."""
-
-
 def shapes_features(images: np.ndarray) -> np.ndarray:
     """uint8 [N, H, W, 3] RGB -> float64 [N, FEATURE_DIM]: a fixed, hand-built feature vector of a
     shapes-world image, every entry in [0, 1] (needs no weights; deterministic):
@@ -213,28 +206,6 @@ def shapes_features(images: np.ndarray) -> np.ndarray:
             box = (stats[:, cv2.CC_STAT_WIDTH] * stats[:, cv2.CC_STAT_HEIGHT]).astype(np.float64)
             objects[i] = (len(stats) / shapes_world.MAX_OBJECTS, area.mean() / 100.0, (area / box).mean())
     return np.concatenate([class_frac, blocks, purity, energy[:, None], objects], axis=1)
-
-
-def _psd_sqrt(m: np.ndarray) -> np.ndarray:
-    """Square root of a symmetric positive semi-definite matrix (eigenvalues clipped at 0)."""
-    vals, vecs = np.linalg.eigh((m + m.T) / 2)
-    return (vecs * np.sqrt(np.clip(vals, 0.0, None))) @ vecs.T
-
-
-def frechet_distance(a: np.ndarray, b: np.ndarray, eps: float = FRECHET_EPS) -> float:
-    """Fréchet distance between Gaussians fitted to feature rows ``a`` [N, D] and ``b`` [M, D]:
-    |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), with eps·I added to both
-    covariances (``FRECHET_EPS``). Needs N, M >= 2. Computed with symmetric eigendecompositions
-    (tr sqrt(S_a S_b) = tr sqrt(S_a^1/2 S_b S_a^1/2)), so no scipy."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if len(a) < 2 or len(b) < 2:
-        raise ValueError(f"frechet_distance needs at least 2 rows in each set, got {len(a)} and {len(b)}")
-    reg = eps * np.eye(a.shape[1])
-    sa, sb = np.cov(a, rowvar=False) + reg, np.cov(b, rowvar=False) + reg
-    ra = _psd_sqrt(sa)
-    cross = np.trace(_psd_sqrt(ra @ sb @ ra))
-    d = float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * cross)
-    return max(d, 0.0)
 
 
 def fid_shapes(images: np.ndarray, references: np.ndarray) -> float:

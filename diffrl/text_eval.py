@@ -24,6 +24,7 @@ from functools import cache
 import cv2
 import numpy as np
 
+from diffrl.frechet import FRECHET_SCALE, frechet_distance
 from diffrl.models import text_world
 from diffrl.reward_servers.scorers.ocr import OcrOptions, TesseractEngine, normalize, ocr_score
 
@@ -155,8 +156,6 @@ def text_world_metrics(images: np.ndarray, prompts: Sequence[str], seeds: Sequen
     metrics["background_clean"] = background_clean(images)
     if len(images) >= 2:
         renders = text_world.render_batch(prompts, seeds)
-        from diffrl.evaluation import FRECHET_SCALE, frechet_distance
-
         metrics["fid_text"] = FRECHET_SCALE * frechet_distance(text_features(images), text_features(renders))
         groups = np.unique(np.asarray(prompts), return_inverse=True)[1]
         div = diversity(images, groups)

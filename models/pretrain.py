@@ -30,6 +30,9 @@ class PretrainConfig:
     """Folder the trained pipeline is written to (diffusers format)."""
     world: str = "shapes"
     """The built-in world whose training prompts and renders are learned: shapes or text."""
+    init: str = ""
+    """A saved pipeline (diffusers folder, e.g. an earlier OUTPUT or snapshot) to continue training
+    from, with a fresh warm-up and schedule; empty = random weights built from unet/sd3."""
     snapshot_every: int = 0
     """Also save the EMA weights every N steps to OUTPUT-stepN (0 = only the final model); a base
     with headroom can be picked from them."""
@@ -70,6 +73,8 @@ class PretrainConfig:
         size = self.unet.image_size if self.denoiser == "unet" else self.sd3.image_size
         require(size == get_world(self.world).IMAGE_SIZE, f"{self.denoiser}.image_size",
                 f"the {self.world} world's image size {get_world(self.world).IMAGE_SIZE}", size)
+        require(not self.init or Path(self.init, "model_index.json").is_file(), "init",
+                "a diffusers pipeline folder (with model_index.json)", self.init)
         require(self.snapshot_every >= 0, "snapshot_every", "an int >= 0 (0 = none)", self.snapshot_every)
         require(self.denoiser in ("unet", "sd3"), "denoiser", "unet|sd3", self.denoiser)
         require(self.max_steps >= 1, "max_steps", "an int >= 1", self.max_steps)
@@ -96,7 +101,12 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
         torch.set_num_threads(cfg.num_threads)
     out = Path(cfg.output)
     work = out.parent / (out.name + ".building")
-    if cfg.denoiser == "unet":
+    if cfg.init:
+        from diffrl.models.adapter import load_pipeline
+
+        pipe = load_pipeline(cfg.init, with_t5=False)
+        denoiser_name = "unet" if hasattr(pipe, "unet") else "transformer"
+    elif cfg.denoiser == "unet":
         pipe, denoiser_name = build_tiny_unet(cfg.unet, work, seed=cfg.seed), "unet"
     else:
         pipe, denoiser_name = build_tiny_sd3(cfg.sd3, work, seed=cfg.seed), "transformer"

@@ -12,11 +12,12 @@ FOLDERS = {"diffrl": "diffrl", "actors": "diffrl.actors", "learner": "diffrl.lea
            "proto": "diffrl.proto", "reward_servers": "diffrl.reward_servers"}
 # bottom first; a module may import its own package and the layers below, never a sibling package
 LAYERS = [
-    ["diffrl.config", "diffrl.utils", "diffrl.run_folder"],
+    ["diffrl.config", "diffrl.utils", "diffrl.run_folder", "diffrl.frechet"],
     ["diffrl.embedded_redis", "diffrl.proto"],
     ["diffrl.models"],
     ["diffrl.data"],  # prompt sets (the shapes world's splits are built in)
     ["diffrl.reward_servers"],
+    ["diffrl.text_eval"],  # the text world's held-out metrics, used by evaluation
     ["diffrl.evaluation", "diffrl.monitoring"],
     ["diffrl.learner", "diffrl.actors"],
     ["diffrl"],  # the commands and the job: cli, job, bench, report, status, schema, ...

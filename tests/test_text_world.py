@@ -172,3 +172,62 @@ def test_ocr_recipe_trains_three_steps_through_a_real_ocr_server(tmp_path):
         assert 0 <= e["reward_ocr"] <= 1 and 0 <= e["pass_ocr"] <= 1 and 0 <= e["ocr_exact"] <= 1
         assert 0 <= e["fidelity"] <= 1 and e["fid_text"] >= 0 and "strict" not in e
     assert (run_dir / "grids" / "step_000003.png").is_file()
+
+
+def test_diffrl_eval_scores_text_prompts_with_the_ocr_reward_by_default():
+    import argparse
+
+    from diffrl.cli import load_eval_config
+
+    def args(*config, prompts=None):
+        return argparse.Namespace(config=list(config), split=None, prompts=prompts, model=None)
+
+    cfg, _ = load_eval_config(args(prompts="text:eval"))
+    assert [(r.name, r.serve_args) for r in cfg.rewards] == [("ocr", ["scorer.metric=normalized"])]
+    assert [r.name for r in load_eval_config(args())[0].rewards] == ["shapes"]
+    assert load_eval_config(args("rewards=[]", prompts="text:eval"))[0].rewards == []  # the user's choice stands
+
+
+def test_pretrain_text_world_then_continue_from_its_output(tmp_path):
+    """``diffrl pretrain world=text`` trains on the world's renders with a character-level tokenizer;
+    ``init=`` continues from a saved pipeline; ``snapshot_every`` saves intermediate EMA weights."""
+    import torch
+
+    from diffrl.config import load_config
+    from diffrl.models.adapter import FlowModel
+    from diffrl.models.pretrain import PretrainConfig, pretrain
+
+    small = ["unet.channels=[8,16]", "unet.text_hidden=16", "unet.text_projection=16", "batch_size=4",
+             "warmup_steps=1", "unet.attention_head_dim=8"]
+    first = load_config(PretrainConfig, str(REPO / "deploy/configs/pretrain-text.yaml"),
+                        [f"output={tmp_path / 'a'}", "max_steps=2", "snapshot_every=1", *small])
+    assert pretrain(first, progress=False)["steps"] == 2
+    assert (tmp_path / "a-step1" / "model_index.json").is_file()
+    tokens = FlowModel.from_pretrained(str(tmp_path / "a"), device="cpu").pipe.tokenizer.tokenize('"lamp"')
+    assert tokens == ['"</w>', "l", "a", "m", "p</w>", '"</w>']
+    again = load_config(PretrainConfig, str(REPO / "deploy/configs/pretrain-text.yaml"),
+                        [f"output={tmp_path / 'b'}", f"init={tmp_path / 'a'}", "max_steps=1", "snapshot_every=0",
+                         "lr=0.1", *small])
+    pretrain(again, progress=False)
+    a = FlowModel.from_pretrained(str(tmp_path / "a"), device="cpu").transformer.state_dict()
+    b = FlowModel.from_pretrained(str(tmp_path / "b"), device="cpu").transformer.state_dict()
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)  # trained on from a
+    assert not (tmp_path / "b-step1").exists()
+    with pytest.raises(Exception, match="init"):
+        load_config(PretrainConfig, None, [f"init={tmp_path / 'nothing'}"]).validate()
+
+
+def test_shipped_text_base_spells_some_words_and_draws_the_world():
+    """assets/text-base (docs/text_world.md, "The base model"): diffusers loads it, its tokenizer is
+    character-level, and it writes legible words on clean signs; a random model reads as nothing."""
+    from diffrl.models.adapter import FlowModel
+
+    model = FlowModel.from_pretrained(str(REPO / "assets/text-base"), device="cpu")
+    assert model.pipe.tokenizer.tokenize('"zinc"') == ['"</w>', "z", "i", "n", "c</w>", '"</w>']
+    prompts = tw.split_prompts("train")[::48]  # 16 training words
+    seeds = list(range(len(prompts)))
+    images = model.generate(prompts, seeds, num_steps=10, guidance_scale=1.0)
+    assert images.shape == (len(prompts), 32, 32, 3) and images.dtype == np.uint8
+    m = text_eval.text_world_metrics(images, prompts, seeds, judge=False)
+    assert m["ocr_score"] >= 0.5 and m["ocr_exact"] >= 0.2, m
+    assert m["fidelity"] >= 0.97 and m["background_clean"] >= 0.97, m

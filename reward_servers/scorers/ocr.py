@@ -23,8 +23,8 @@ one page's text after another, separated by form feeds, so page i is image i (th
 checked). ``scorer.parallel`` splits a batch over several such calls running at once. Images whose
 grey levels span less than ``blank_contrast`` are read as "" without calling the engine (tesseract
 hallucinates characters on blank pages). tesserocr (a persistent binding) needs compiling against
-libtesseract-dev and a pip-only engine with shipped models (rapidocr-onnxruntime) is not installed:
-neither is used.
+libtesseract-dev and is not used; RapidOCR (rapidocr-onnxruntime, models inside its wheel) is only the
+text world's held-out judge (diffrl/text_eval.py). Small images are enlarged first (``upscale``).
 """
 
 from __future__ import annotations
