@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from diffrl.config import require
 from diffrl.data import PromptItem, PromptSet
-from diffrl.frechet import FRECHET_EPS, FRECHET_SCALE, frechet_distance  # noqa: F401 (re-exported)
+from diffrl.image_stats import FRECHET_EPS, FRECHET_SCALE, frechet_distance, within_group_disagreement  # noqa: F401
 from diffrl.models import shapes_world
 from diffrl.models.adapter import FlowModel
 from diffrl.reward_servers.client import Group as RewardGroup
@@ -221,15 +221,7 @@ def diversity(images: np.ndarray, groups: Sequence[int] | np.ndarray) -> float |
     differs, averaged over groups with at least 2 images. 0 when every seed of a prompt gives the
     same picture (mode collapse), at most 1. None when no group has 2 images."""
     classes = shapes_scorer.classify_pixels(np.asarray(images)).reshape(len(images), -1)
-    groups = np.asarray(groups)
-    per_group = []
-    for g in dict.fromkeys(groups.tolist()):
-        c = classes[groups == g]
-        if len(c) < 2:
-            continue
-        i, j = np.triu_indices(len(c), k=1)
-        per_group.append((c[i] != c[j]).mean())
-    return float(np.mean(per_group)) if per_group else None
+    return within_group_disagreement(classes, groups)
 
 
 def held_out_image_metrics(images: np.ndarray, prompts: Sequence[str], seeds: Sequence[int]) -> dict[str, float]:

@@ -24,7 +24,7 @@ from functools import cache
 import cv2
 import numpy as np
 
-from diffrl.frechet import FRECHET_SCALE, frechet_distance
+from diffrl.image_stats import FRECHET_SCALE, frechet_distance, within_group_disagreement
 from diffrl.models import text_world
 from diffrl.reward_servers.scorers.ocr import OcrOptions, TesseractEngine, normalize, ocr_score
 
@@ -90,14 +90,7 @@ def text_features(images: np.ndarray) -> np.ndarray:
 
 def diversity(images: np.ndarray, groups: np.ndarray) -> float | None:
     """Within-group mean fraction of pixels whose ink/background class differs (None: no pairs)."""
-    ink = ink_mask(images).reshape(len(images), -1)
-    per_group = []
-    for g in dict.fromkeys(groups.tolist()):
-        c = ink[groups == g]
-        if len(c) >= 2:
-            i, j = np.triu_indices(len(c), k=1)
-            per_group.append((c[i] != c[j]).mean())
-    return float(np.mean(per_group)) if per_group else None
+    return within_group_disagreement(ink_mask(images).reshape(len(images), -1), groups)
 
 
 @cache

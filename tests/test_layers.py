@@ -12,7 +12,7 @@ FOLDERS = {"diffrl": "diffrl", "actors": "diffrl.actors", "learner": "diffrl.lea
            "proto": "diffrl.proto", "reward_servers": "diffrl.reward_servers"}
 # bottom first; a module may import its own package and the layers below, never a sibling package
 LAYERS = [
-    ["diffrl.config", "diffrl.utils", "diffrl.run_folder", "diffrl.frechet"],
+    ["diffrl.config", "diffrl.utils", "diffrl.run_folder", "diffrl.image_stats"],
     ["diffrl.embedded_redis", "diffrl.proto"],
     ["diffrl.models"],
     ["diffrl.data"],  # prompt sets (the shapes world's splits are built in)

@@ -1,5 +1,6 @@
-"""The Fréchet distance between Gaussians fitted to two sets of feature rows: the image-fidelity
-measure of the built-in worlds (``fid_shapes``, ``fid_text``), with no weights and no scipy."""
+"""Statistics of image sets shared by the built-in worlds' held-out metrics: the Fréchet distance
+between Gaussians fitted to two sets of feature rows (``fid_shapes``, ``fid_text``; no weights, no
+scipy) and the within-prompt disagreement of per-pixel labels (``diversity``)."""
 
 from __future__ import annotations
 
@@ -33,3 +34,17 @@ def frechet_distance(a: np.ndarray, b: np.ndarray, eps: float = FRECHET_EPS) -> 
     cross = np.trace(_psd_sqrt(ra @ sb @ ra))
     d = float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * cross)
     return max(d, 0.0)
+
+
+def within_group_disagreement(labels: np.ndarray, groups: np.ndarray) -> float | None:
+    """``labels`` [N, P] (one label per pixel, flattened), ``groups`` [N]: for each group with at least
+    2 rows the mean over pairs of rows of the fraction of positions whose labels differ, averaged over
+    groups; None when no group has 2 rows."""
+    groups = np.asarray(groups)
+    per_group = []
+    for g in dict.fromkeys(groups.tolist()):
+        c = labels[groups == g]
+        if len(c) >= 2:
+            i, j = np.triu_indices(len(c), k=1)
+            per_group.append((c[i] != c[j]).mean())
+    return float(np.mean(per_group)) if per_group else None
