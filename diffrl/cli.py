@@ -178,13 +178,16 @@ def load_eval_config(args: argparse.Namespace):
 
 
 def world_rewards(prompts: str, default: list):
-    """The default reward of ``diffrl eval`` is the prompt set's world's own: the shapes reward on
-    shapes:*, the OCR reward (normalised edit distance, as ocr-cpu.yaml trains it) on text:*."""
+    """The default reward of ``diffrl eval`` is the prompt set's world's own
+    (``diffrl.models.worlds.DEFAULT_REWARDS``); ``default`` for prompt files."""
+    from diffrl.models.worlds import DEFAULT_REWARDS
     from diffrl.schema import RewardSpec
 
-    if prompts.startswith("text:"):
-        return [RewardSpec(name="ocr", serve_args=["scorer.metric=normalized"])]
-    return default
+    world = prompts.split(":", 1)[0] if ":" in prompts else ""
+    if world not in DEFAULT_REWARDS:
+        return default
+    name, serve_args = DEFAULT_REWARDS[world]
+    return [RewardSpec(name=name, serve_args=list(serve_args))]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

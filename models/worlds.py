@@ -11,6 +11,12 @@ WORLDS: dict[str, str] = {
     "text": "diffrl.models.text_world",
 }
 """World name -> module (docs/shapes_world.md, docs/text_world.md)."""
+DEFAULT_REWARDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "shapes": ("shapes", ()),
+    "text": ("ocr", ("scorer.metric=normalized",)),
+}
+"""World name -> (reward name, server args) that scores its prompts by default (``diffrl eval``):
+the detector on shapes, the OCR reward with normalised edit distance (as ocr-cpu.yaml trains) on text."""
 
 
 def get_world(name: str) -> ModuleType:
