@@ -16,6 +16,7 @@ from diffrl.data import PromptItem
 from diffrl.models.config import ModelConfig
 from diffrl.models.lora import LoraConfig
 from diffrl.proto.bus import RetryPolicy
+from diffrl.proto.weight_sync import WeightsConfig
 from diffrl.reward_servers.client import RewardClientConfig
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ class SamplerSpec:
     """How publishing rides out an unreachable Redis."""
     weights_channel: str = "diffrl-weights"
     """Name of the Ray weight channel actor ('' = never update weights)."""
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    """How p_samp arrives from the learner (object store or torch.distributed)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Base model of p_samp."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -49,6 +52,12 @@ class SamplerSpec:
     """Rewards and their replicas."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """The learner's LoRA settings (adapters published as kind=lora are applied with them)."""
+    run_dir: str = ""
+    """The run folder on this sampler's node (its log file goes to ``run_dir/logs/``)."""
+    storage: str = ""
+    """The run's object-storage URL (the log file is mirrored to it); empty: none."""
+    log_process: str = ""
+    """Send this process's output to ``run_dir/logs/<log_process>.log`` (empty: leave it where it goes)."""
 
 
 def build_sampler(spec: SamplerSpec, prompts: list[PromptItem]):
@@ -69,9 +78,9 @@ def build_sampler(spec: SamplerSpec, prompts: list[PromptItem]):
                                   retry=spec.bus_retry)
     weights = None
     if spec.weights_channel:
-        from diffrl.proto.weight_sync import RayWeightChannel
+        from diffrl.proto.weight_sync import open_source
 
-        weights = RayWeightChannel(spec.weights_channel)
+        weights = open_source(spec.weights, spec.weights_channel, spec.sampler_id, device=model.device)
     source = PromptSource(prompts, spec.shard_index, spec.num_shards, seed=spec.sampler.seed)
     return Sampler(spec.sampler_id, spec.sampler, model, SyncRewardClient(spec.rewards), producer, source,
                    weights=weights, metrics=SamplerMetrics(spec.sampler_id), lora=spec.lora)
@@ -82,6 +91,13 @@ class SamplerActor:
 
     def __init__(self, spec_yaml: str, prompts: list[PromptItem]):
         self.spec = load_config_text(SamplerSpec, spec_yaml)
+        self._log_mirror = None
+        if self.spec.log_process and self.spec.run_dir:
+            from diffrl.run_logs import start_process_log
+            from diffrl.storage import open_storage
+
+            self._log_mirror = start_process_log(self.spec.run_dir, self.spec.log_process,
+                                                 open_storage(self.spec.storage))
         if not prompts or not all(isinstance(p, PromptItem) for p in prompts):
             raise TypeError("SamplerActor: prompts must be a non-empty list of diffrl.data.PromptItem")
         self.metrics_port = self.metrics_host = None
@@ -96,7 +112,11 @@ class SamplerActor:
         self.sampler = build_sampler(self.spec, prompts)
 
     def run(self, max_rounds: int | None = None) -> int:
-        return self.sampler.run(max_rounds)
+        try:
+            return self.sampler.run(max_rounds)
+        finally:
+            if self._log_mirror is not None:
+                self._log_mirror.upload()
 
     def run_round(self) -> dict:
         return asdict(self.sampler.run_round())

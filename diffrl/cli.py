@@ -107,17 +107,24 @@ def _interrupt_on_sigterm() -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from diffrl.job import NoProgressError, train
+    from diffrl.learner.checkpoint import CheckpointOutageError
     from diffrl.schema import TrainConfig
+    from diffrl.storage import StorageError, is_url
 
     extra = [f"run.resume={args.resume}"] if args.resume else []
     recipe, overrides = split_recipe(list(args.config))
-    if args.resume and recipe is None and (Path(args.resume) / run_folder.CONFIG).is_file():
-        recipe = str(Path(args.resume) / run_folder.CONFIG)  # a resumed run keeps its recipe
-    cfg = load_config(TrainConfig, recipe, [*overrides, *extra])
-    _interrupt_on_sigterm()
     try:
+        if args.resume and recipe is None and is_url(args.resume):
+            recipe = _recipe_from_storage(args.resume)
+        elif args.resume and recipe is None and (Path(args.resume) / run_folder.CONFIG).is_file():
+            recipe = str(Path(args.resume) / run_folder.CONFIG)  # a resumed run keeps its recipe
+        cfg = load_config(TrainConfig, recipe, [*overrides, *extra])
+        _interrupt_on_sigterm()
         run_dir = train(cfg)
     except NoProgressError as err:
+        print(f"diffrl: the job stopped: {err}", file=sys.stderr)
+        return 1
+    except (StorageError, CheckpointOutageError) as err:
         print(f"diffrl: the job stopped: {err}", file=sys.stderr)
         return 1
     summary = json.loads((run_dir / run_folder.SUMMARY).read_text())
@@ -126,6 +133,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         if key in summary:
             print_metrics(f"{key.replace('_', ' ')} (p_samp, held-out prompts)", summary[key])
     return 0
+
+
+def _recipe_from_storage(url: str) -> str:
+    """The recipe of a run in object storage (its latest config), in a local temporary file."""
+    import tempfile
+
+    from diffrl.storage import StorageError, open_storage
+
+    storage = open_storage(url.rstrip("/"))
+    text = storage.read_text(run_folder.CONFIG_RESUMED) or storage.read_text(run_folder.CONFIG)
+    if text is None:
+        raise StorageError(f"--resume {url}: no {run_folder.CONFIG} there (is it a run folder?)")
+    path = Path(tempfile.mkdtemp(prefix="diffrl-resume-")) / run_folder.CONFIG
+    path.write_text(text)
+    return str(path)
 
 
 # --------------------------------------------------------------------------------- eval
@@ -384,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     from diffrl.bench_learner import register as register_bench_learner
 
     register_bench_learner(bench)  # bench learner
+    from diffrl.bench_weights import register as register_bench_weights
+
+    register_bench_weights(bench)  # bench weights
 
     p = sub.add_parser("demo", help="a short CRD training on the embedded default (what `make demo` runs)",
                        description=f"Same as `diffrl train deploy/configs/shapes-cpu.yaml {' '.join(DEMO_OVERRIDES)} "

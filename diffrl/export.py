@@ -39,6 +39,7 @@ import argparse
 import inspect
 import json
 import re
+import shutil
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -423,16 +424,32 @@ def _readme(info: dict[str, Any]) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from diffrl.storage import StorageError, fetch_run, is_url, open_storage
+
+    work = Path(tempfile.mkdtemp(prefix="diffrl-export-"))
     try:
-        info = export(args.run_dir, args.out, step=args.step, weights=args.weights, dtype=args.dtype, base=args.base)
-    except ExportError as err:
+        run_dir = args.run_dir
+        if is_url(run_dir):  # a run in object storage: its recipe and one checkpoint's snapshots, fetched
+            run_dir = str(fetch_run(run_dir, work / "runs", step=args.step))
+        out = work / "out" if is_url(args.out) else Path(args.out)
+        info = export(run_dir, out, step=args.step, weights=args.weights, dtype=args.dtype, base=args.base)
+        if is_url(args.out):
+            open_storage(args.out.rstrip("/")).put_tree(out, "")
+    except (ExportError, StorageError) as err:
         print(f"diffrl export: {err}", file=sys.stderr)
         return 2
-    out = Path(args.out)
+    finally:
+        if is_url(args.out) or is_url(args.run_dir):
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            work.rmdir()
+    out = args.out if is_url(args.out) else Path(args.out)
     print(f"exported {info['weights']} (role {info['role']}) of {info['run_dir']} at step {info['step']} "
           f"({'LoRA adapters' if info['kind'] == 'lora' else 'full pipeline'}) to {out}:")
     for name in info["files"]:
-        print(f"  {out / name}")
+        print(f"  {out}/{name}")
     print("load it with:")
     for line in info["load"]:
         print(f"  {line}")
@@ -459,15 +476,17 @@ def register(sub) -> None:
                "then, for a LoRA export:\n"
                "  from diffusers import StableDiffusion3Pipeline\n"
                "  pipe = StableDiffusion3Pipeline.from_pretrained(BASE); pipe.load_lora_weights(OUT)")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (its latest checkpoint unless --step) or a "
-                                                      "checkpoint folder RUN_DIR/checkpoints/step_N")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (its latest checkpoint unless --step), a "
+                                                      "checkpoint folder RUN_DIR/checkpoints/step_N, or a run "
+                                                      "in object storage (s3://bucket/runs/NAME)")
     p.add_argument("--step", type=int, default=None, metavar="N", help="the checkpoint of learner step N "
                                                                        "(default: the latest)")
     p.add_argument("--weights", choices=WEIGHTS, default="p_samp",
                    help="p_samp: the snapshot the run evaluated, the sampler's unless the algorithm evaluates "
                         "another (TDM-R1: the EMA of its generator) (default); "
                         "theta: the trained weights themselves")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (new or empty)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (new or empty), or an object-storage "
+                                                               "URL it is uploaded to")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="dtype of the written weights (default float32)")
     p.add_argument("--base", metavar="PATH", default=None,

@@ -35,8 +35,9 @@ from tqdm import tqdm
 from diffrl import run_folder
 from diffrl.actors.ray_sampler import SamplerSpec, spawn_samplers
 from diffrl.actors.sampler import MaskedRoundsError
-from diffrl.config import ConfigError, to_yaml
+from diffrl.config import ConfigError, to_dict, to_yaml
 from diffrl.embedded_redis import EmbeddedRedis, redact_url
+from diffrl.learner.checkpoint import CheckpointOutageError
 from diffrl.learner.config import LearnerConfig
 from diffrl.learner.ray_learner import LearnerActor, LearnerSpec
 from diffrl.monitoring import METRICS_HOST_ENV, remove_prometheus_sd, write_prometheus_targets
@@ -44,6 +45,8 @@ from diffrl.placement import in_bundle, learner_rendezvous, place_learners
 from diffrl.reward_servers.client import RewardClientConfig, RewardEndpointConfig
 from diffrl.reward_servers.process import LocalRewardServer
 from diffrl.schema import TrainConfig
+from diffrl.storage import RunStorage, StorageError, is_url, open_storage, run_location
+from diffrl.tracking import Tracker, check_backends
 
 log = logging.getLogger(__name__)
 
@@ -61,22 +64,75 @@ class NoProgressError(RuntimeError):
 # Environment every Ray worker of the job gets from the driver where set (CPU DeepSpeed, the user's hub
 # settings: offline only when HF_HUB_OFFLINE is set, no tokenizer threads).
 WORKER_ENV = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_HOME",
-              "TOKENIZERS_PARALLELISM", "REDIS_URL", "DIFFRL_REWARD_TOKEN", METRICS_HOST_ENV)
+              "TOKENIZERS_PARALLELISM", "REDIS_URL", "DIFFRL_REWARD_TOKEN", METRICS_HOST_ENV,
+              # object storage (run.storage): credentials and endpoints as boto/gcsfs read them
+              "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+              "AWS_ENDPOINT_URL", "DIFFRL_S3_ENDPOINT_URL", "GOOGLE_APPLICATION_CREDENTIALS")
 
 
-def prepare_run_dir(cfg: TrainConfig) -> Path:
+def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, RunStorage | None]:
+    """(the run folder on this machine, the run's object storage or None). A new run gets a fresh
+    name (``-2``, ``-3``… when taken locally or in the storage); a resumed run from object storage gets
+    its files that are not here yet (everything but the checkpoints, which the learner downloads).
+    Storage that cannot be written fails here, before Redis, Ray or any model starts."""
+    retry = cfg.run.storage_retry
     if cfg.run.resume:
-        run_dir = Path(cfg.run.resume)
+        if is_url(cfg.run.resume):
+            storage = open_storage(cfg.run.resume.rstrip("/"), retry)
+            storage.check()
+            if storage.latest_checkpoint() is None:
+                raise FileNotFoundError(f"--resume {cfg.run.resume}: no complete checkpoint there")
+            run_dir = Path(cfg.run.output_dir).expanduser().resolve() / storage.root.rsplit("/", 1)[-1]
+            run_dir.mkdir(parents=True, exist_ok=True)
+            here = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()}
+            for rel in storage.list_files():
+                if rel not in here and not rel.startswith((run_folder.CHECKPOINTS + "/", "redis/")):
+                    storage.get_file(rel, run_dir / rel)
+            return run_dir, storage
+        run_dir = Path(cfg.run.resume).resolve()
+        if is_url(cfg.run.storage):  # the working copy of a run in object storage: resume from the storage
+            url = cfg.run.storage.rstrip("/") + "/" + run_dir.name
+            return prepare_run_dir(replace(cfg, run=replace(cfg.run, resume=url, output_dir=str(run_dir.parent))))
         if not (run_dir / run_folder.CHECKPOINTS).is_dir():
             raise FileNotFoundError(f"--resume {run_dir}: no checkpoints/ folder there")
-        return run_dir
-    base = Path(cfg.run.output_dir) / cfg.run.name
-    run_dir, n = base, 1
-    while run_dir.exists():
+        return run_dir, None
+    n = 1
+    while True:
+        name = cfg.run.name if n == 1 else f"{cfg.run.name}-{n}"
+        run_dir, url = run_location(cfg.run.storage, cfg.run.output_dir, name)
+        storage = open_storage(url, retry)
+        if storage is not None and n == 1:
+            storage.check()
+        if not run_dir.exists() and (storage is None or not storage.list_files()):
+            break
         n += 1
-        run_dir = base.with_name(f"{base.name}-{n}")
     run_dir.mkdir(parents=True)
-    return run_dir
+    return run_dir, storage
+
+
+DRIVER_FILES = (run_folder.CONFIG, run_folder.CONFIG_RESUMED, run_folder.METRICS, run_folder.EVAL,
+                run_folder.LEDGER, run_folder.SUMMARY, run_folder.ENDPOINTS, "metrics_final.prom", "mlflow.db",
+                "wandb_run_id.txt", "mlflow_run_id.txt")
+"""The files of the run folder the job driver writes (uploaded to object storage by :func:`sync_driver_files`)."""
+TRACKER_FOLDERS = ("tensorboard", "wandb", "mlruns")
+"""Folders of the run folder the experiment trackers write (``tracking.backends``), uploaded with them."""
+
+
+def sync_driver_files(run_dir: Path, storage: RunStorage | None) -> None:
+    """Upload the driver's files and the logs it holds (reward servers, driver) to the run's object
+    storage; a failure is logged (the next sync tries again), the checkpoints are what must land."""
+    if storage is None:
+        return
+    paths = [run_dir / f for f in DRIVER_FILES] + sorted((run_dir / run_folder.LOGS).glob("reward-*.log"))
+    paths.append(run_dir / run_folder.LOGS / "driver.log")
+    for folder in TRACKER_FOLDERS:  # the experiment trackers' files (event files, offline runs)
+        paths += sorted(p for p in (run_dir / folder).rglob("*") if p.is_file())
+    for path in paths:
+        if path.is_file():
+            try:
+                storage.put_file(path, path.relative_to(run_dir).as_posix())
+            except StorageError as err:
+                log.warning("upload of %s failed: %s", path.name, err)
 
 
 class JsonLines:
@@ -146,13 +202,19 @@ def train(cfg: TrainConfig) -> Path:
 
     check_model_source(cfg.model.path)  # an unreachable hub id fails here, in one line, before Ray and Redis
     train_prompts, eval_prompts = cfg.data.load()  # a bad prompt file fails here, before anything starts
+    check_backends(cfg.tracking)  # so does a tracker whose package is not installed
     if Path(cfg.model.path).exists():  # a local folder: absolute, so every actor finds it whatever its cwd
         cfg = replace(cfg, model=replace(cfg.model, path=str(Path(cfg.model.path).resolve())))
-    run_dir = prepare_run_dir(cfg)
+    run_dir, storage = prepare_run_dir(cfg)
     resuming = bool(cfg.run.resume)
+    driver_log = _log_driver(run_dir)
+    if cfg.ray.address and not cfg.run.storage and not storage:
+        log.warning("run.storage is not set: on a multi-node cluster the learner's checkpoints and grids stay "
+                    "on the learner's node; set run.storage to a shared path or an s3://, gs:// URL")
     cfg = replace(cfg, learner=trained_learner_config(cfg))
     shown = replace(cfg, redis=replace(cfg.redis, url=redact_url(cfg.redis.url)))  # no password in the run folder
     (run_dir / run_folder.CONFIG if not resuming else run_dir / run_folder.CONFIG_RESUMED).write_text(to_yaml(shown))
+    sync_driver_files(run_dir, storage)
     (run_dir / run_folder.GRIDS).mkdir(exist_ok=True)
     metrics_log = JsonLines(run_dir / run_folder.METRICS)
     eval_log = JsonLines(run_dir / run_folder.EVAL)
@@ -161,8 +223,13 @@ def train(cfg: TrainConfig) -> Path:
 
     try:
         with contextlib.ExitStack() as stack:
+            stack.callback(driver_log.close)
+            stack.callback(logging.getLogger("diffrl").removeHandler, driver_log)
             stack.callback(metrics_log.close)
             stack.callback(eval_log.close)
+            tracker = Tracker.open(cfg.tracking, run_dir, run_dir.name, to_dict(shown), resumed=resuming)
+            stack.callback(tracker.close)
+            summary["tracking_errors"] = tracker.errors  # counted until the end (the same dict)
             redis_url = cfg.redis.url or os.environ.get("REDIS_URL", "")
             if ":***@" in redis_url:  # a resumed run's config.yaml: the password was not written there
                 redis_url = os.environ.get("REDIS_URL", "")
@@ -187,9 +254,12 @@ def train(cfg: TrainConfig) -> Path:
             for rank in range(world):
                 spec = LearnerSpec(rank=rank, world_size=world, master_addr=master_addr, master_port=master_port,
                                    run_dir=str(run_dir), resume=resuming, redis_url=redis_url,
+                                   storage=storage.root if storage else "", storage_retry=cfg.run.storage_retry,
+                                   log_process=f"learner-{rank}",
                                    stream=cfg.redis.stream, consumer_group=cfg.redis.consumer_group,
                                    bus_retry=cfg.redis.retry,
-                                   weights_channel=channel, metrics_port=cfg.placement.metrics_port if rank == 0 else -1,
+                                   weights_channel=channel, weights=cfg.weights,
+                                   metrics_port=cfg.placement.metrics_port if rank == 0 else -1,
                                    model=cfg.model, learner=cfg.learner, eval=cfg.eval, eval_prompts=eval_prompts,
                                    rewards=rewards)
                 learners.append(learner_cls.options(name=f"learner-{rank}", num_cpus=cfg.placement.num_cpus,
@@ -199,9 +269,11 @@ def train(cfg: TrainConfig) -> Path:
             step = int(statuses[0]["step"])
             specs = [SamplerSpec(sampler_id=f"sampler-{i}", shard_index=i, num_shards=cfg.sampler.num_samplers,
                                  redis_url=redis_url, stream=cfg.redis.stream, consumer_group=cfg.redis.consumer_group,
-                                 bus_retry=cfg.redis.retry, weights_channel=channel, model=cfg.model,
+                                 bus_retry=cfg.redis.retry, weights_channel=channel, weights=cfg.weights,
+                                 model=cfg.model,
                                  sampler=replace(cfg.sampler, seed=cfg.sampler.seed + 1000 * cfg.run.seed),
-                                 rewards=rewards, lora=cfg.learner.lora)
+                                 rewards=rewards, lora=cfg.learner.lora, run_dir=str(run_dir),
+                                 storage=storage.root if storage else "", log_process=f"sampler-{i}")
                      for i in range(cfg.sampler.num_samplers)]
             prompts_ref = ray.put(train_prompts.items)  # one copy for every sampler, held until the run ends
             samplers = spawn_samplers(specs, cfg.sampler, prompts_ref)
@@ -226,6 +298,7 @@ def train(cfg: TrainConfig) -> Path:
                 m = ray.get(learners[0].evaluate.remote(str(grid)))
                 eval_log.write({"step": at_step, **m})
                 metrics_log.write({"step": at_step, "kind": "eval", **m})
+                tracker.log_eval(at_step, m, grid)
                 return m
 
             if cfg.run.eval_every and not resuming:
@@ -247,8 +320,10 @@ def train(cfg: TrainConfig) -> Path:
                     step += 1
                     if cfg.learner.checkpoint_every and step % cfg.learner.checkpoint_every == 0:
                         ledger.write()
+                        sync_driver_files(run_dir, storage)
                     last = results[0]
                     metrics_log.write({"step": step, "kind": "train", "time": time.time() - start, **last})
+                    tracker.log_train(step, last)
                     bar.update(1)
                     bar.set_postfix(reward=f"{last.get('reward_mean', float('nan')):.3f}",
                                     kl=f"{last.get('kl', float('nan')):.4f}", stale=f"{last.get('staleness_mean', 0):.1f}")
@@ -279,12 +354,29 @@ def train(cfg: TrainConfig) -> Path:
                 train_seconds=train_seconds,
                 learner_counters=learner_status[0]["counters"],
             )
-    except NoProgressError as err:
+    except (NoProgressError, CheckpointOutageError) as err:
         summary.update(error=str(err), seconds=time.time() - start)
         (run_dir / run_folder.SUMMARY).write_text(json.dumps(summary, indent=2, default=float))
+        sync_driver_files(run_dir, storage)
         raise
     (run_dir / run_folder.SUMMARY).write_text(json.dumps(summary, indent=2, default=float))
+    sync_driver_files(run_dir, storage)
     return run_dir
+
+
+def _log_driver(run_dir: Path) -> logging.Handler:
+    """The driver's ``diffrl.*`` log records also go to ``RUN/logs/driver.log``."""
+    from diffrl.run_logs import LOG_FORMAT
+
+    (run_dir / run_folder.LOGS).mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / run_folder.LOGS / "driver.log")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setLevel(logging.INFO)
+    logger = logging.getLogger("diffrl")
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    return handler
 
 
 class _Ledger:

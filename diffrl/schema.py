@@ -7,15 +7,18 @@ from pathlib import Path
 
 from diffrl import run_folder
 from diffrl.actors.config import SamplerConfig
-from diffrl.config import require
+from diffrl.config import ConfigError, require
 from diffrl.data import DataConfig
 from diffrl.embedded_redis import redact_url as _redact_url
 from diffrl.evaluation import EvalConfig
 from diffrl.learner.config import LearnerConfig
 from diffrl.models.config import ModelConfig
 from diffrl.proto.bus import RetryPolicy
+from diffrl.proto.weight_sync import WeightsConfig
+from diffrl.storage import StorageRetry, is_url
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+TRACKING_BACKENDS = ("tensorboard", "wandb", "mlflow", "none")
 
 
 @dataclass
@@ -25,7 +28,17 @@ class RunConfig:
     output_dir: str = "runs"
     """Parent folder of run folders."""
     resume: str = ""
-    """Run folder to continue from its latest checkpoint (same as --resume)."""
+    """Run folder to continue from its latest checkpoint (same as --resume): a local path, or the
+    run's URL in object storage (``s3://bucket/runs/NAME``)."""
+    storage: str = ""
+    """Where the run folder lives. Empty: ``output_dir/name`` on this machine. A path: a volume
+    mounted at the same path on every node (the run folder is ``storage/name``). An fsspec URL
+    (``s3://bucket/runs``, ``gs://…``): every process stages what it writes under ``output_dir/name``
+    on its node and uploads it to ``storage/name``; checkpoints are committed there atomically and
+    ``--resume`` reads them back (docs/operations.md, "Run storage")."""
+    storage_retry: StorageRetry = field(default_factory=StorageRetry)
+    """Retries and timeouts of object-storage operations, and the longest time the run may go
+    without a saved checkpoint before it fails."""
     max_steps: int = 20
     """Learner optimizer steps to train (the run ends there)."""
     max_seconds: float = 0.0
@@ -42,8 +55,17 @@ class RunConfig:
         require(self.max_steps >= 1, "max_steps", "an int >= 1", self.max_steps)
         require(self.max_seconds >= 0, "max_seconds", "seconds >= 0", self.max_seconds)
         require(self.eval_every >= 0, "eval_every", "an int >= 0", self.eval_every)
-        require(not self.resume or Path(self.resume, run_folder.CHECKPOINTS).is_dir(), "resume",
-                "a run folder with a checkpoints/ folder", self.resume)
+        require(not self.resume or is_url(self.resume) or Path(self.resume, run_folder.CHECKPOINTS).is_dir(),
+                "resume", "a run folder with a checkpoints/ folder", self.resume)
+        if self.storage and is_url(self.storage):
+            import fsspec
+
+            scheme = self.storage.split("://", 1)[0]
+            try:
+                fsspec.get_filesystem_class(scheme)
+            except (ImportError, ValueError) as err:
+                raise ConfigError("storage", f"no fsspec filesystem for {scheme}:// ({err}); install its package "
+                                  "(s3fs for s3://, gcsfs for gs://)") from err
 
 
 @dataclass
@@ -145,6 +167,43 @@ class LearnerPlacement:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment trackers (TensorBoard, W&B, MLflow) the job logs to (diffrl/tracking.py)."""
+
+    backends: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Trackers the job logs train stats, held-out metrics and evaluation grids to: tensorboard (event
+    files in RUN_DIR/tensorboard/), wandb (pip install 'diffrl[wandb]'), mlflow (pip install
+    'diffrl[mlflow]'), several of them, or [none]."""
+    project: str = "diffrl"
+    """W&B project and MLflow experiment name."""
+    tags: list[str] = field(default_factory=list)
+    """Tags of the run (W&B tags; MLflow tags with an empty value)."""
+    wandb_mode: str = ""
+    """W&B mode: online, offline (files under RUN_DIR/wandb/, uploaded later by `wandb sync`) or
+    disabled; empty = $WANDB_MODE, else online, as the wandb package itself decides. A machine without
+    network needs offline."""
+    mlflow_tracking_uri: str = ""
+    """MLflow tracking URI (a server, or sqlite:///PATH); empty = $MLFLOW_TRACKING_URI, else a SQLite
+    store in the run folder (RUN_DIR/mlflow.db, artifacts in RUN_DIR/mlruns/)."""
+
+    def validate(self) -> None:
+        unknown = [b for b in self.backends if b not in TRACKING_BACKENDS]
+        require(not unknown, "backends", f"names among {list(TRACKING_BACKENDS)}", unknown)
+        require(len(set(self.backends)) == len(self.backends), "backends", "each backend once", self.backends)
+        require("none" not in self.backends or self.backends == ["none"], "backends",
+                "[none] alone (no tracker), or trackers without none", self.backends)
+        require(self.wandb_mode in ("", "online", "offline", "disabled"), "wandb_mode",
+                "online, offline, disabled or empty ($WANDB_MODE)", self.wandb_mode)
+        require(bool(self.project) and "/" not in self.project, "project", "a non-empty name without '/'",
+                self.project)
+
+    @property
+    def active(self) -> list[str]:
+        """The backends to open (``none`` left out)."""
+        return [b for b in self.backends if b != "none"]
+
+
+@dataclass
 class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     """The run: length, evaluation, resume."""
@@ -166,6 +225,11 @@ class TrainConfig:
     """The experience bus."""
     ray: RayConfig = field(default_factory=RayConfig)
     """The Ray cluster."""
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    """How p_samp travels from learner rank 0 to the samplers: Ray object store or torch.distributed
+    (docs/operations.md, "Weight sync")."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Experiment trackers: TensorBoard (default), W&B, MLflow (docs/operations.md, "Experiment tracking")."""
 
     def validate(self) -> None:
         names = [r.name for r in self.rewards]

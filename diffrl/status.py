@@ -153,11 +153,39 @@ def _recent(run_dir: Path, n: int = 5) -> list[dict]:
     return rows[-n:]
 
 
+_ERROR_MARKERS = ("Traceback", "ERROR", "Error:", "Exception", "FATAL", "Killed")
+
+
+def _logs(run_dir: Path) -> list[dict]:
+    """Every process's log file under RUN/logs (path, size, age) with its last line that looks like an
+    error (a traceback, ERROR, ...), if any."""
+    out = []
+    for path in sorted((run_dir / run_folder.LOGS).glob("*.log")):
+        entry = {"path": str(path), "bytes": path.stat().st_size, "age_s": time.time() - path.stat().st_mtime,
+                 "last_error": None}
+        with open(path, "rb") as f:  # the tail is enough: logs of long runs are large
+            f.seek(max(0, entry["bytes"] - 65536))
+            tail = f.read().decode("utf-8", errors="replace").splitlines()
+        errors = [ln.strip() for ln in tail if any(m in ln for m in _ERROR_MARKERS)]
+        entry["last_error"] = errors[-1][:300] if errors else None
+        out.append(entry)
+    return out
+
+
+def _trouble(st: dict) -> bool:
+    """Something is wrong: the run stopped without finishing, stopped with an error, or a sampler or a
+    reward replica is down."""
+    if st["state"] == NOT_RUNNING or (st.get("summary") or {}).get("error"):
+        return True
+    return any(not s["up"] for s in st.get("samplers", [])) or \
+        any(not r.get("healthy", True) for r in st.get("rewards", []))
+
+
 def collect_status(run_dir: str | Path, timeout_s: float = 3.0) -> dict:
     """Everything ``diffrl status`` prints, as a dict (``state`` is one of running, not started,
     finished, not running)."""
     run_dir = Path(run_dir)
-    st: dict = {"run_dir": str(run_dir), "recent": _recent(run_dir)}
+    st: dict = {"run_dir": str(run_dir), "recent": _recent(run_dir), "logs": _logs(run_dir)}
     summary_path, endpoints_path = run_dir / run_folder.SUMMARY, run_dir / run_folder.ENDPOINTS
     if not endpoints_path.is_file():
         st.update(state=NOT_STARTED, message=f"no {endpoints_path.name} in {run_dir}: the run has not started "
@@ -207,11 +235,25 @@ def _table(rows: list[list[str]], indent: str = "  ") -> list[str]:
     return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
 
+def _format_logs(st: dict) -> list[str]:
+    """The log files, each with its last error line, when something is wrong (else nothing)."""
+    if not st.get("logs") or not _trouble(st):
+        return []
+    lines = ["logs (one file per process)"]
+    for entry in st["logs"]:
+        lines.append(f"  {entry['path']}  {entry['bytes']} bytes, written {entry['age_s']:.0f} s ago")
+        if entry["last_error"]:
+            lines.append(f"    last error: {entry['last_error']}")
+    return lines
+
+
 def format_status(st: dict) -> str:
     lines = [f"run {st['run_dir']}: {st['state'].upper()}"]
     if st["state"] != RUNNING:
         lines.append(f"  {st['message']}")
-        return "\n".join(lines)
+        if (st.get("summary") or {}).get("error"):
+            lines.append(f"  error: {st['summary']['error']}")
+        return "\n".join(lines + _format_logs(st))
     lr = st["learner"]
     rewards = "  ".join(f"{name} {_f(mean)} ± {_f(lr['reward_std'].get(name))}"
                         for name, mean in sorted(lr["reward_mean"].items())) or "- (no step yet)"
@@ -252,7 +294,7 @@ def format_status(st: dict) -> str:
         rows.append([r["reward"], r["url"], r["health"], _f(r.get("requests"), "d"), _f(r.get("errors"), "d"),
                      _f(ms, ".1f"), _f(r.get("pending_images"), "d")])
     lines += ["rewards", *_table(rows)]
-    return "\n".join(lines)
+    return "\n".join(lines + _format_logs(st))
 
 
 # --------------------------------------------------------------------------------- command

@@ -198,18 +198,50 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
     random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
 
 
+class CheckpointOutageError(RuntimeError):
+    """No checkpoint could be saved to the run's storage for longer than the configured outage."""
+
+
 class Checkpointing:
     """Mixin of :class:`~diffrl.learner.learner.Learner`: write and restore checkpoints of every role
     (engines with their optimizers, snapshots), the step, the ledger and the RNG states."""
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Path | None:
         """Write ``run_dir/checkpoints/step_XXXXXX`` (every rank takes part), point ``latest`` at it,
-        prune old ones, then acknowledge the entries it covers."""
+        prune old ones, then acknowledge the entries it covers. With object storage (``self.storage``)
+        each rank writes its files into a staging folder of its own and uploads them, and rank 0 commits
+        (manifest, then ``latest``) once every rank's upload succeeded; a failed upload is logged and
+        counted, acknowledges nothing and returns None, and :class:`CheckpointOutageError` ends the run
+        when no checkpoint could be saved for ``storage.retry.max_checkpoint_outage_s``."""
         if self.run_dir is None:
             raise RuntimeError("no run_dir: checkpoints are off")
         t0 = time.perf_counter()
-        folder = checkpoints_dir(self.run_dir) / step_name(self.step)
-        if self.rank == 0:
+        name = step_name(self.step)
+        if self.storage is None:
+            folder = checkpoints_dir(self.run_dir) / name
+            self._write_checkpoint(folder, shared=True)
+            if self.rank == 0:
+                write_latest(self.run_dir, folder)
+                prune_checkpoints(self.run_dir, self.config.keep_checkpoints)
+        else:
+            folder = checkpoints_dir(self.run_dir) / f".staging-rank{self.rank:05d}" / name
+            self._write_checkpoint(folder, shared=False)
+            if not self._upload_checkpoint(folder, name):
+                return None
+        self.dist.barrier()  # `latest` names the new checkpoint: now the entries are committed
+        self._last_checkpoint_step = self.step
+        self._last_checkpoint_time = time.monotonic()
+        self.metrics.last_checkpoint.set(time.time())
+        self._ack_pending()
+        if self.storage is not None:
+            self._upload_trained_groups()
+        self.metrics.checkpoint_seconds.observe(time.perf_counter() - t0)
+        return folder
+
+    def _write_checkpoint(self, folder: Path, shared: bool) -> None:
+        """Every rank writes its files of the checkpoint into ``folder`` (``shared``: one folder for all
+        ranks, made by rank 0; else a folder of this rank's own)."""
+        if self.rank == 0 or not shared:
             if folder.exists():  # a partial folder from a crashed attempt at this step
                 shutil.rmtree(folder)
             folder.mkdir(parents=True)
@@ -247,14 +279,81 @@ class Checkpointing:
                 "created_at": time.time(),
             })
         self.dist.barrier()  # every rank's files are in place
-        if self.rank == 0:
-            write_latest(self.run_dir, folder)
-            prune_checkpoints(self.run_dir, self.config.keep_checkpoints)
-        self.dist.barrier()  # `latest` names the new checkpoint: now the entries are committed
-        self._last_checkpoint_step = self.step
-        self._ack_pending()
-        self.metrics.checkpoint_seconds.observe(time.perf_counter() - t0)
-        return folder
+
+    def _upload_checkpoint(self, staging: Path, name: str) -> bool:
+        """Upload this rank's staged files; when every rank succeeded rank 0 commits the checkpoint.
+        Whether it was committed (the same answer on every rank)."""
+        import torch
+
+        from diffrl.storage import StorageError
+
+        ok = True
+        try:
+            if self.rank == 0:  # what a crashed attempt at this step left there is not part of this one
+                self.storage.remove_tree(f"{CHECKPOINTS}/{name}")
+            self.dist.barrier()
+            self.storage.put_tree(staging, f"{CHECKPOINTS}/{name}")
+        except StorageError as err:
+            log.error("checkpoint %s: upload failed: %s", name, err)
+            ok = False
+        flag = self.dist.all_reduce(torch.tensor([0 if ok else 1], dtype=torch.int64, device=self.dist.device))
+        ok = int(flag.item()) == 0
+        if ok and self.rank == 0:
+            try:
+                self.storage.commit_checkpoint(name)
+                self.storage.prune_checkpoints(self.config.keep_checkpoints, name)
+            except StorageError as err:
+                log.error("checkpoint %s: commit failed: %s", name, err)
+                ok = False
+        if self.world_size > 1:  # rank 0's commit decides
+            flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=self.dist.device)
+            ok = int(self.dist.all_reduce(flag).item()) == 0
+        shutil.rmtree(staging, ignore_errors=True)
+        if ok:
+            return True
+        self.metrics.checkpoint_failures.inc()
+        since = getattr(self, "_last_checkpoint_time", None) or self._started_time
+        outage = time.monotonic() - since
+        limit = self.storage.retry.max_checkpoint_outage_s
+        if outage > limit:
+            raise CheckpointOutageError(
+                f"no checkpoint could be saved to {self.storage.root} for {outage:.0f} s "
+                f"(run.storage_retry.max_checkpoint_outage_s = {limit:g}): stopping instead of training on "
+                f"without checkpoints; fix the storage and resume with --resume {self.storage.root}")
+        log.warning("training goes on without checkpoint %s (no checkpoint for %.0f s of at most %g s); its "
+                    "experience stays unacknowledged", name, outage, limit)
+        return False
+
+    def _upload_trained_groups(self) -> None:
+        """Mirror ``trained_groups.txt`` (best effort: the checkpoint is what resume relies on)."""
+        from diffrl.storage import StorageError
+
+        path = self.trained_groups_file
+        if path is None or not path.is_file():
+            return
+        rel = run_folder.TRAINED_GROUPS if self.rank == 0 else f"trained_groups.rank_{self.rank:05d}.txt"
+        try:
+            self.storage.put_file(path, rel)
+        except StorageError as err:
+            log.warning("trained_groups.txt upload failed: %s", err)
+
+    def restore_from_storage(self) -> Path | None:
+        """Download the storage's latest complete checkpoint into a folder of this rank's own; the run
+        folder to :meth:`resume` from (None: no checkpoint there)."""
+        name = self.storage.latest_checkpoint()
+        if name is None:
+            return None
+        local = self.run_dir / f".restore-rank{self.rank:05d}"
+        shutil.rmtree(local, ignore_errors=True)
+        self.storage.get_tree(f"{CHECKPOINTS}/{name}", checkpoints_dir(local) / name)
+        mine = self.trained_groups_file
+        if self.rank == 0 and mine is not None and not mine.is_file():  # a node that never had the run folder
+            text = self.storage.read_text(run_folder.TRAINED_GROUPS)
+            if text is not None:
+                mine.parent.mkdir(parents=True, exist_ok=True)
+                mine.write_text(text)
+        write_latest(local, checkpoints_dir(local) / name)
+        return local
 
     def resume(self, run_dir: str | Path | None = None) -> int | None:
         """Continue from the latest complete checkpoint of ``run_dir`` (default: this learner's):

@@ -111,15 +111,20 @@ class Learner(StreamLoop, Checkpointing):
         registry: Prometheus registry for the metrics (default: the global one).
         teacher: the teacher's denoiser (``load_teacher``), for algorithms whose roles start from it
             (TDM-R1); on the model's device and dtype, frozen.
+        storage: the run's object storage (``diffrl.storage.RunStorage``): checkpoints are staged in
+            ``run_dir`` and committed there (see :meth:`save_checkpoint`). None: ``run_dir`` is the run
+            folder.
     """
 
     def __init__(self, config: LearnerConfig, model, publisher=None, run_dir: str | Path | None = None,
-                 consumer=None, registry=None, teacher: nn.Module | None = None):
+                 consumer=None, registry=None, teacher: nn.Module | None = None, storage=None):
         config.validate()
         self.config = config
         self.model = model
         self.publisher = publisher
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.storage = storage
+        self._started_time = time.monotonic()  # the checkpoint outage clock starts here
         self.consumer = consumer
         self.algorithm: Algorithm = config.algorithm_class(config.algorithm_config, config)
         self.algorithm.check_roles()

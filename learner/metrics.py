@@ -20,6 +20,10 @@ STEP_SECONDS = "diffrl_learner_step_seconds"
 """Histogram: wall time of one optimizer step (all noise levels, EMA, publish)."""
 CHECKPOINT_SECONDS = "diffrl_learner_checkpoint_seconds"
 """Histogram: wall time of writing one checkpoint."""
+CHECKPOINT_FAILURES_TOTAL = "diffrl_learner_checkpoint_failures_total"
+"""Counter: checkpoints that could not be saved to the run's storage (their entries stay unacknowledged)."""
+LAST_CHECKPOINT_TIMESTAMP = "diffrl_learner_last_checkpoint_timestamp_seconds"
+"""Gauge: Unix time of the last checkpoint saved (and, with object storage, committed there)."""
 OPTIMIZER_STEPS_TOTAL = "diffrl_learner_optimizer_steps_total"
 """Counter: optimizer steps taken."""
 GROUPS_CONSUMED_TOTAL = "diffrl_learner_groups_consumed_total"
@@ -77,6 +81,9 @@ class LearnerMetrics(PerRegistry):
                                       registry=r)
         self.checkpoint_seconds = Histogram(CHECKPOINT_SECONDS, "Wall time of writing one checkpoint.",
                                             buckets=STEP_BUCKETS, registry=r)
+        self.checkpoint_failures = Counter(CHECKPOINT_FAILURES_TOTAL, "Checkpoints that could not be saved.",
+                                           registry=r)
+        self.last_checkpoint = Gauge(LAST_CHECKPOINT_TIMESTAMP, "Unix time of the last checkpoint saved.", registry=r)
         self.optimizer_steps = Counter(OPTIMIZER_STEPS_TOTAL, "Optimizer steps taken.", registry=r)
         self.groups_consumed = Counter(GROUPS_CONSUMED_TOTAL, "Groups trained on.", registry=r)
         self.groups_dropped_stale = Counter(GROUPS_DROPPED_STALE_TOTAL,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 
@@ -14,7 +15,9 @@ from diffrl.evaluation import EvalConfig
 from diffrl.learner.config import LearnerConfig
 from diffrl.models.config import ModelConfig
 from diffrl.proto.bus import RetryPolicy
+from diffrl.proto.weight_sync import WeightsConfig
 from diffrl.reward_servers.client import RewardClientConfig
+from diffrl.storage import StorageRetry, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +35,15 @@ class LearnerSpec:
     master_port: int = 29500
     """Port of rank 0 for the process group."""
     run_dir: str = ""
-    """Run folder (checkpoints, grids)."""
+    """Run folder (checkpoints, grids) on this rank's node: with object storage, its working copy."""
     resume: bool = False
-    """Continue from the run folder's latest checkpoint."""
+    """Continue from the run's latest checkpoint (in the storage when there is one)."""
+    storage: str = ""
+    """The run's object-storage URL (``storage/run.name``); empty: ``run_dir`` is the run folder."""
+    storage_retry: StorageRetry = field(default_factory=StorageRetry)
+    """Retries, timeouts and the longest checkpoint outage for the object storage."""
+    log_process: str = ""
+    """Send this process's output to ``run_dir/logs/<log_process>.log`` (empty: leave it where it goes)."""
     redis_url: str = ""
     """Redis of the experience stream."""
     stream: str = "experience"
@@ -45,6 +54,8 @@ class LearnerSpec:
     """How the consumer rides out an unreachable Redis."""
     weights_channel: str = "diffrl-weights"
     """Ray weight channel p_samp is published to (rank 0)."""
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    """How p_samp travels to the samplers (object store or torch.distributed)."""
     metrics_port: int = 0
     """Prometheus /metrics port (0: free port; -1: none)."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -111,6 +122,12 @@ def load_teacher(learner: LearnerConfig, model: ModelConfig, device, dtype):
 class LearnerActor:
     def __init__(self, spec_yaml: str):
         self.spec = spec = load_config_text(LearnerSpec, spec_yaml)
+        self._log_mirror = None
+        storage = open_storage(spec.storage, spec.storage_retry)
+        if spec.log_process:
+            from diffrl.run_logs import start_process_log
+
+            self._log_mirror = start_process_log(spec.run_dir, spec.log_process, storage)
         os.environ.update({"RANK": str(spec.rank), "WORLD_SIZE": str(spec.world_size),
                            "LOCAL_RANK": os.environ.get("LOCAL_RANK", "0"),
                            "MASTER_ADDR": spec.master_addr, "MASTER_PORT": str(spec.master_port)})
@@ -124,13 +141,21 @@ class LearnerActor:
         self.model = load_learner_model(spec.learner, spec.model)
         publisher = None
         if spec.rank == 0 and spec.weights_channel:
-            from diffrl.proto.weight_sync import RayWeightChannel
+            from diffrl.proto.weight_sync import open_publisher
 
-            publisher = RayWeightChannel(spec.weights_channel)
+            publisher = open_publisher(spec.weights, spec.weights_channel, host=spec.master_addr,
+                                       device=self.model.device)
         teacher = load_teacher(spec.learner, spec.model, self.model.device, self.model.dtype)
-        self.learner = Learner(spec.learner, self.model, publisher=publisher, run_dir=spec.run_dir, teacher=teacher)
+        self.learner = Learner(spec.learner, self.model, publisher=publisher, run_dir=spec.run_dir, teacher=teacher,
+                               storage=storage)
         self.learner.connect_bus(connect(spec.redis_url), spec.stream, spec.consumer_group, retry=spec.bus_retry)
-        self.resumed_step = self.learner.resume(spec.run_dir) if spec.resume else None
+        self.resumed_step = None
+        if spec.resume:
+            restored = self.learner.restore_from_storage() if storage is not None else spec.run_dir
+            self.resumed_step = self.learner.resume(restored) if restored is not None else None
+            if storage is not None and restored is not None:
+                shutil.rmtree(restored, ignore_errors=True)  # the engines are loaded: the download is done with
+        self.storage = storage
         if self.resumed_step:
             self.learner.publish()  # samplers continue from the checkpoint's p_samp
         self._reward_client = None  # opened by the first evaluation
@@ -169,6 +194,14 @@ class LearnerActor:
         names = [r.name for r in self.spec.rewards.rewards]
         metrics = evaluate(self.model, self.spec.eval, self.spec.eval_prompts, self._reward_client, names,
                            transformer=self.learner.p_eval, grid_path=grid_path)
+        if self.storage is not None and grid_path and os.path.isfile(grid_path):
+            from diffrl import run_folder
+            from diffrl.storage import StorageError
+
+            try:  # the grid is a picture of the run, not a commit: a failed upload is only logged
+                self.storage.put_file(grid_path, f"{run_folder.GRIDS}/{os.path.basename(grid_path)}")
+            except StorageError as err:
+                log.warning("grid upload failed: %s", err)
         EvalMetrics.for_registry().observe(metrics, step=self.learner.step)
         return metrics
 
@@ -181,6 +214,8 @@ class LearnerActor:
         if self._reward_client is not None:
             self._reward_client.close()
         self.learner.close()
+        if self._log_mirror is not None:
+            self._log_mirror.close()
 
     def status(self) -> dict:
         lr = self.learner

@@ -70,3 +70,14 @@ def test_train_end_to_end_then_resume(tiny_model, tmp_path):
     assert ledger["balanced"] and ledger["produced"] == sum(ledger[f] for f in fates) + ledger["pending"], ledger
     ids = [line.split("\t")[0] for line in (run_dir / "trained_groups.txt").read_text().splitlines()]
     assert len(ids) == len(set(ids)) == ledger["trained"] == 5 * 2
+
+    # the default tracker (tracking.backends=[tensorboard]): both legs' steps in RUN_DIR/tensorboard, with
+    # metrics.jsonl's values (float32 there), each held-out evaluation and its grid
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    losses = {rec["step"]: rec["loss"] for rec in steps2 if rec["kind"] == "train"}
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([losses[s] for s in range(1, 6)], rel=1e-6)
+    assert [e.step for e in events.Scalars("eval/strict")] == [e.step for e in events.Images("eval/grid")] == [0, 3, 5]

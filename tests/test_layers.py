@@ -13,6 +13,7 @@ FOLDERS = {"diffrl": "diffrl", "actors": "diffrl.actors", "learner": "diffrl.lea
 # bottom first; a module may import its own package and the layers below, never a sibling package
 LAYERS = [
     ["diffrl.config", "diffrl.utils", "diffrl.run_folder", "diffrl.image_stats"],
+    ["diffrl.storage", "diffrl.run_logs"],  # where the run folder lives, one log file per process
     ["diffrl.embedded_redis", "diffrl.proto"],
     ["diffrl.models"],
     ["diffrl.data"],  # prompt sets (the shapes world's splits are built in)
