@@ -329,7 +329,9 @@ def run_sync_loop(cfg: TrainConfig, reward_latency_ms: float = 0.0) -> dict:
     # Backpressure never pauses the lockstep sampler: the stream holds at most one step's groups.
     scfg = replace(cfg.sampler, seed=cfg.sampler.seed + 1000 * cfg.run.seed, metrics_port=-1,
                    max_pending_groups=max(cfg.sampler.max_pending_groups, G + cfg.sampler.groups_per_round))
-    run_dir = prepare_run_dir(cfg)
+    if cfg.run.storage:
+        raise ConfigError("run.storage", "not supported by the synchronous benchmark (it writes a local run folder)")
+    run_dir, _ = prepare_run_dir(cfg)
     (run_dir / run_folder.CONFIG).write_text(to_yaml(cfg))
     metrics_log = JsonLines(run_dir / run_folder.METRICS)
 
