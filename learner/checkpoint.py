@@ -226,7 +226,7 @@ class Checkpointing:
         else:
             folder = checkpoints_dir(self.run_dir) / f".staging-rank{self.rank:05d}" / name
             self._write_checkpoint(folder, shared=False)
-            if not self._upload_checkpoint(folder, name):
+            if not self._commit_to_storage(folder, name):
                 return None
         self.dist.barrier()  # `latest` names the new checkpoint: now the entries are committed
         self._last_checkpoint_step = self.step
@@ -280,7 +280,7 @@ class Checkpointing:
             })
         self.dist.barrier()  # every rank's files are in place
 
-    def _upload_checkpoint(self, staging: Path, name: str) -> bool:
+    def _commit_to_storage(self, staging: Path, name: str) -> bool:
         """Upload this rank's staged files; when every rank succeeded rank 0 commits the checkpoint.
         Whether it was committed (the same answer on every rank)."""
         import torch

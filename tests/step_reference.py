@@ -142,7 +142,13 @@ def numeric_stats(stats: dict) -> dict[str, float]:
     return out
 
 
-def close(a: float, b: float, rel: float = 1e-6, abs_: float = 1e-12) -> bool:
+def close(a: float, b: float, rel: float = 1e-4, abs_: float = 1e-7) -> bool:
+    """Equal up to float32 reduction order. The record was made on one CPU; another CPU's vectorised
+    kernels (AVX-512 against AVX2) sum in another order, which moves quantities that are zero by
+    construction (a group-centred advantage's mean, ~1e-8) by their own size and the others by up to
+    7e-5 relative over three steps (measured on an AMD EPYC with AVX-512, 2026-12-07, against the
+    record's 1e-6). The double EMA blend (test_step_reference.py) still fails this tolerance on both
+    cases it concerns."""
     return math.isclose(a, b, rel_tol=rel, abs_tol=abs_)
 
 
