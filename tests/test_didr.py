@@ -231,6 +231,29 @@ def test_reward_term_moves_the_generator_and_the_control_has_none(tiny_model, te
     assert any(not torch.allclose(a[n], b[n]) for n in a)
 
 
+def test_reward_sigma_max_drops_the_reward_term_above_the_ceiling(tiny_model, teacher_model, script_reward):
+    """A ceiling below every draw (σ ≥ t_min = 0.02) leaves exactly the control's step; one above every
+    draw leaves DIDR's (the paper's form, the default)."""
+    from fakes import ListSink
+
+    sink = ListSink()
+    _, ref, make, _ = didr_setup(tiny_model, teacher_model, script_reward)
+    make(sink).run_round()
+    groups = sink.groups[:2]
+    full = ref.train_on_groups(groups)
+    _, capped, _, _ = didr_setup(tiny_model, teacher_model, script_reward, reward_sigma_max=0.01)
+    none = capped.train_on_groups(groups)
+    _, control, _, _ = didr_setup(tiny_model, teacher_model, script_reward, beta=math.inf)
+    plain = control.train_on_groups(groups)
+    assert "proxy_reward" not in none and none["reward_norm"] == 0.0
+    assert none["generator_loss"] == pytest.approx(plain["generator_loss"], rel=1e-6)
+    assert none["generator_loss"] != pytest.approx(full["generator_loss"], rel=1e-6)
+    a, b = capped.theta_state_dict(), control.theta_state_dict()
+    assert all(torch.allclose(a[n], b[n], atol=1e-7) for n in a)
+    with pytest.raises(ValueError, match="reward_sigma_max"):
+        DIDRConfig(reward_sigma_max=0.0).validate()
+
+
 def test_didr_resume_restores_generator_fake_and_optimizers(tiny_model, teacher_model, script_reward, tmp_path):
     from fakes import ListSink
 

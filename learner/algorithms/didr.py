@@ -32,7 +32,8 @@ black-box rewards are monitoring):
 Deviations from DMD2 (each on purpose, docs/algorithms.md): the fake updates of one learner step share
 the step's generated samples (DMD2 generates a fresh batch for each); samples come from the samplers'
 seeds, so a group may be up to ``learner.max_staleness`` versions old as a ticket while x itself is
-always the current generator's (on-policy by construction).
+always the current generator's (on-policy by construction). ``reward_sigma_max`` < 1 (ours, an option;
+the default 1.0 is the paper's form) gives the reward term only to draws at or below that σ.
 """
 
 from __future__ import annotations
@@ -187,6 +188,11 @@ class DIDRConfig:
     """Highest generator noise level, before the shift (DMD2 ``max_step_percent``)."""
     shift: float = 1.0
     """Shift of every σ draw, σ = s·t/(1 + (s − 1)·t) (1: uniform; SD3.5's 3 in the SD3 recipe)."""
+    reward_sigma_max: float = 1.0
+    """Highest σ (after the shift) whose draws get the reward term; above it only the
+    distribution-matching term (ours, not the paper's: 1.0 applies it everywhere, the paper's form). On
+    the shapes world the proxy's direction decorrelates from ∇r above σ ≈ 0.2 while its size grows by
+    four orders (docs/results.md, "DIDR"), so the high-noise draws drown the aligned ones."""
     weighting: str = "dmd2"
     """w(t): ``dmd2`` divides by mean|x − x̂0_real| per sample (DMD2's normalizer); ``none``: w = 1."""
     lr_generator: float = 5.0e-7
@@ -202,6 +208,7 @@ class DIDRConfig:
         require(self.weighting in WEIGHTINGS, "weighting", f"one of {WEIGHTINGS}", self.weighting)
         require(0 <= self.t_min < self.t_max < 1, "t_max", "0 <= t_min < t_max < 1", (self.t_min, self.t_max))
         require(self.shift > 0, "shift", "> 0", self.shift)
+        require(0 < self.reward_sigma_max <= 1, "reward_sigma_max", "in (0, 1]", self.reward_sigma_max)
         for name in ("lr_generator", "lr_fake"):
             require(getattr(self, name) > 0, name, "> 0", getattr(self, name))
         require(bool(self.reward_model) or math.isinf(self.beta), "reward_model",
@@ -321,11 +328,9 @@ class DIDR(Algorithm):
         stats: dict[str, Tensor | float] = {}
         reward_x0 = None
         if c.uses_reward:
-            image_reward = lambda x0: reward(ctx.model.decode_differentiable(x0), prompts)
-            v_ref = lambda xx, ss: self._velocity(ctx, "real", xx, ss, cond, c.proxy_guidance)
-            grad_r, r_proxy = diffused_reward_proxy(x_t, sigma, v_ref, image_reward, c.proxy_steps)
-            reward_x0 = score_to_x0_units(grad_r / c.beta, sigma)
-            stats["proxy_reward"] = r_proxy.mean()
+            reward_x0, r_proxy = self.reward_term(ctx, x_t, sigma, cond, prompts)
+            if r_proxy is not None:
+                stats["proxy_reward"] = r_proxy.mean()
         weighted, norm = dm_direction(x.detach(), x0_fake, x0_real, reward_x0, c.weighting == "dmd2")
         loss = dm_loss(x, weighted)
         ctx.backward("theta", loss, share)
@@ -341,6 +346,23 @@ class DIDR(Algorithm):
             stats["reward_gap"] = (r_model.double() - batch.rewards[g, k]).mean()
         ctx.log(stats, share)
         return x.detach()
+
+    def reward_term(self, ctx, x_t: Tensor, sigma: Tensor, cond: PromptEmbeds, prompts: list[str]
+                    ) -> tuple[Tensor, Tensor | None]:
+        """σ²/(1 − σ)·s_r in x0 units ``[n, ...]`` (0 for draws above ``reward_sigma_max``, whose proxy is
+        not computed) and r(D_k(x_t)) of the draws that got it (None when none did)."""
+        c = self.config
+        out = torch.zeros_like(x_t)
+        idx = (sigma <= c.reward_sigma_max).nonzero().flatten()
+        if len(idx) == 0:
+            return out, None
+        reward, sub_cond = self.reward_fn(ctx), cond[idx]
+        sub_prompts = [prompts[i] for i in idx.tolist()]
+        image_reward = lambda x0: reward(ctx.model.decode_differentiable(x0), sub_prompts)
+        v_ref = lambda xx, ss: self._velocity(ctx, "real", xx, ss, sub_cond, c.proxy_guidance)
+        grad_r, r_proxy = diffused_reward_proxy(x_t[idx], sigma[idx], v_ref, image_reward, c.proxy_steps)
+        out[idx] = score_to_x0_units(grad_r / c.beta, sigma[idx])
+        return out, r_proxy
 
     def fake_update(self, ctx, x: Tensor, cond: PromptEmbeds, share: float) -> None:
         """Step 2: one pass of the fake score's denoising loss on detached samples at fresh (σ, ε)."""
