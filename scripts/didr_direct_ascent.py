@@ -7,6 +7,9 @@ held-out prompts × 2 fixed seeds (126 images, the evaluation's), the CNN's P(st
 strict accuracy. ``--score log_prob`` ascends log P(strict) instead of P (classifier-guidance form).
 
     .venv/bin/python scripts/didr_direct_ascent.py [--lr 1e-4] [--steps 600] [--score prob|log_prob]
+                                                   [--reward FOLDER] [--save FOLDER]
+
+``--save`` writes the ascended generator as a diffusers pipeline (its samples are the CNN's hard negatives).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--every", type=int, default=100, help="held-out evaluation every N steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save", default="", help="write the final generator here (diffusers layout)")
     args = p.parse_args()
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
@@ -76,6 +80,8 @@ def main() -> None:
             print(f"| {step} | {np.mean(recent):.3f} | {p_cnn:.3f} | {strict:.3f} | {time.time() - t0:.0f} |",
                   flush=True)
             recent = []
+    if args.save:
+        model.save_pretrained(args.save)
 
 
 if __name__ == "__main__":
