@@ -3,8 +3,8 @@
 The upper bound of every reward-gradient method (DIDR's proxy included): plain gradient ascent on
 r(decode(g_θ(z))) for the 1-step student, no distribution matching, no anchor. Each step draws 32 training
 prompts and fresh seeds and takes one AdamW step on −mean r. Every ``--every`` steps it reports, on the
-held-out prompts × 2 fixed seeds (126 images, the evaluation's), the CNN's P(strict) and the detector's
-strict accuracy. ``--score log_prob`` ascends log P(strict) instead of P (classifier-guidance form).
+held-out prompts × 2 (126 images, seeds 0..125: its own, not ``diffrl eval``'s), the CNN's P(strict) and
+the detector's strict accuracy. ``--score log_prob`` ascends log P(strict) instead of P (classifier-guidance form).
 
     .venv/bin/python scripts/didr_direct_ascent.py [--lr 1e-4] [--steps 600] [--score prob|log_prob]
                                                    [--reward FOLDER] [--save FOLDER]
@@ -32,8 +32,7 @@ def held_out(model, net, prompts, seeds) -> tuple[float, float]:
         z = model.initial_noise(seeds)
         images = model.decode(z - model.velocity(z, torch.ones(len(z)), model.encode_prompts(prompts)))
         p_cnn = float(net.log_reward(images, prompts).exp().mean())
-        pixels = (images.clamp(0, 1).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
-    strict = float(np.mean([s.strict for s in score_batch(pixels, prompts)]))
+    strict = float(np.mean([s.strict for s in score_batch(model.to_uint8(images), prompts)]))
     return p_cnn, strict
 
 

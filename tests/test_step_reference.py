@@ -1,7 +1,7 @@
 """The algorithm seam changed no number: 3 learner steps of CRD, NFT and GRPO on the tiny model
 reproduce the per-step stats and weights recorded before the refactor (tests/step_reference.py,
-tests/data/step_reference.json; CPU fp32, up to float32 reduction order across CPUs: step_reference.close), and the one difference, a fixed bug, is
-shown to be exactly that bug.
+tests/data/step_reference.json; CPU fp32, equal up to float32 reduction order across CPUs, see
+step_reference.close), and the one difference, a fixed bug, is shown to be exactly that bug.
 
 The pre-seam learner blended p_old twice per step whenever p_old was also the sampling snapshot
 (DiffusionNFT, and CRD with ``decoupled_sampler=false``): it de-duplicated the two snapshot parameter
