@@ -20,7 +20,7 @@ from diffrl.models.reward_cnn import (
     want_counts,
 )
 from diffrl.models.shapes_world import COLORS, SHAPES, all_prompts, eval_prompts, render_batch
-from diffrl.reward_model import near_miss
+from diffrl.reward_model import adversarial_images, near_miss, slot_loss
 from diffrl.reward_servers.scorers import get_scorer
 from diffrl.reward_servers.scorers import shapes as detector
 
@@ -264,3 +264,32 @@ def test_reward_model_command_renders_only(tmp_path):
     report = json.loads((out / "training.json").read_text())
     assert set(report["dataset"]["sizes"]) == {"clean", "wrong", "colour", "blur", "noise", "shift"}
     assert set(report["held_out"]["sets"]) == {"clean", "wrong"} and "--no-model-samples" in report["command"]
+
+
+def test_adversarial_images_stay_in_the_ball_and_raise_the_loss():
+    torch.manual_seed(0)
+    net = ShapesRewardNet(TINY).eval()
+    prompts = ["a red circle", "two blue squares", "a green triangle and a yellow circle", "three red squares"]
+    x = torch.from_numpy(render_batch(prompts, [0, 1, 2, 3])).permute(0, 3, 1, 2).float() / 255.0
+    labels = want_counts(prompts).clamp(max=MAX_COUNT)
+    net.train()  # it must come back in the mode it was given
+    adv = adversarial_images(net, x, labels, eps=0.5, steps=3)
+    assert net.training and all(p.grad is None for p in net.parameters())
+    norms = (adv - x).flatten(1).norm(dim=1)
+    assert float(norms.max()) <= 0.5 + 1e-5 and float(norms.min()) > 0.25  # moved, and no further than eps
+    assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
+    net.eval()
+    with torch.no_grad():
+        assert float(slot_loss(net(adv), labels)) > float(slot_loss(net(x), labels))
+
+
+def test_reward_model_command_with_adversarial_training(tmp_path, capsys):
+    out = tmp_path / "rm"
+    assert main(["reward-model", "--out", str(out), "--no-model-samples", "--images", "64", "--epochs", "1",
+                 "--eval-seeds", "1", "--threads", "1", "--batch-size", "32", "--adv-eps", "0.5",
+                 "--adv-steps", "2"]) == 0
+    report = json.loads((out / "training.json").read_text())
+    assert report["config"]["adv_eps"] == 0.5 and "--adv-eps 0.5 --adv-steps 2" in report["command"]
+    capsys.readouterr()
+    assert main(["reward-model", "--out", str(out), "--no-model-samples", "--adv-eps", "-1"]) != 0
+    assert "adv_eps" in capsys.readouterr().err
